@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Entry point for a fresh machine: creates .venv with everything tvmrpc and its
+# tests need (once), then runs what you ask for.
+#   ./dev.sh demo   - tracker, proxy and servers, a stock client runs a compiled model
+#   ./dev.sh test   - the test suite (what CI runs)
+#   ./dev.sh bench  - side-by-side benchmarks against stock TVM
+#   ./dev.sh lint   - ruff
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${TVMRPC_VENV:-.venv}
+stamp="$VENV/.tvmrpc-installed"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[test,dev,tvm,websocket]'
+  touch "$stamp"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  demo)  exec tvmrpc demo "$@" ;;
+  test)  exec python -m pytest "$@" ;;
+  bench) exec python -m bench "$@" ;;
+  lint)  exec ruff check tvmrpc twisted crossbuild tests bench ;;
+  *) echo "usage: $0 {demo|test|bench|lint} [args]" >&2; exit 2 ;;
+esac

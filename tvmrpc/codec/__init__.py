@@ -1,0 +1,63 @@
+"""The wire: constants, tracker frames, the RPC handshake and session packets.
+
+This package imports nothing else of tvmrpc and does no I/O.
+"""
+
+from .constants import (
+    MAX_FRAME_BYTES,
+    MAX_KEY_BYTES,
+    RPC_CODE_DUPLICATE,
+    RPC_CODE_MISMATCH,
+    RPC_CODE_SUCCESS,
+    RPC_MAGIC,
+    TRACKER_MAGIC,
+    TrackerCode,
+)
+from .errors import CodecError
+from .frames import FrameDecoder, decode_int32, encode_frame, encode_int32
+from .handshake import (
+    HandshakeDecoder,
+    PeerKey,
+    ReplyDecoder,
+    encode_handshake,
+    encode_reply,
+    parse_key,
+    proxy_matchkey,
+    random_matchkey,
+    split_matchkey,
+)
+from .session import (
+    RAW_STR_TYPE_INDEX_FFI,
+    RAW_STR_TYPE_INDEX_LEGACY,
+    exception_packet,
+    session_timeout_message,
+)
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_KEY_BYTES",
+    "RAW_STR_TYPE_INDEX_FFI",
+    "RAW_STR_TYPE_INDEX_LEGACY",
+    "RPC_CODE_DUPLICATE",
+    "RPC_CODE_MISMATCH",
+    "RPC_CODE_SUCCESS",
+    "RPC_MAGIC",
+    "TRACKER_MAGIC",
+    "CodecError",
+    "FrameDecoder",
+    "HandshakeDecoder",
+    "PeerKey",
+    "ReplyDecoder",
+    "TrackerCode",
+    "decode_int32",
+    "encode_frame",
+    "encode_handshake",
+    "encode_int32",
+    "encode_reply",
+    "exception_packet",
+    "parse_key",
+    "proxy_matchkey",
+    "random_matchkey",
+    "session_timeout_message",
+    "split_matchkey",
+]
