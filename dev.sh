@@ -11,8 +11,11 @@ VENV=${TVMRPC_VENV:-.venv}
 stamp="$VENV/.tvmrpc-installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[test,dev,tvm,websocket]'
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # pip warns about mirror locations this machine does not have; keep real errors.
+  "$VENV/bin/python" -m pip install -q --config-settings editable_mode=compat -e '.[test,dev,tvm,websocket]' 2>&1 \
+    | grep -vE '^WARNING: Location|BuildBackendWarning|^ +(!!|\*+|Please be careful|name as your|with strategy)|^ *$' || true
+  "$VENV/bin/python" -c 'import tvmrpc, tvm, twisted, pytest_twisted'
   touch "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

@@ -34,6 +34,7 @@ setup(
             "autobahn>=23.1",
             "psutil",
             "pyelftools",
+            "cmake>=3.26",
         ],
         "dev": ["ruff>=0.5"],
     },

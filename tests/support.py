@@ -35,9 +35,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for child processes: this checkout first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TVM_NUM_THREADS", "1")
     if extra:

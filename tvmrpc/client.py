@@ -84,7 +84,7 @@ class TrackerClientProtocol(Protocol):
             waiting.callback(reply)
             self._send_next()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closed = reason
         if not self.ready.called:
             self.ready.errback(reason)

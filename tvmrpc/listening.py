@@ -32,7 +32,9 @@ class ListenOptions(usage.Options):
     ]
 
 
-def bind_port_range(reactor: Any, factory: Any, host: str, port: int, port_end: int) -> IListeningPort:
+def bind_port_range(
+    reactor: Any, factory: Any, host: str, port: int, port_end: int
+) -> IListeningPort:
     """Listen on the first free port in ``[port, port_end)``; raise if none is free."""
     last: Exception | None = None
     for candidate in range(port, max(port_end, port + 1)):
@@ -79,16 +81,16 @@ class ListeningService(service.Service):
             d.addErrback(self._failed)
         else:
             self._listening(
-                bind_port_range(self.reactor, self.factory, self.host, self.first_port, self.port_end)
+                bind_port_range(
+                    self.reactor, self.factory, self.host, self.first_port, self.port_end
+                )
             )
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
         host = getattr(address, "host", None) or str(address)
-        log.info(
-            "{name} listening on {host}:{port}", name=self.name, host=host, port=address.port
-        )
+        log.info("{name} listening on {host}:{port}", name=self.name, host=host, port=address.port)
         if not self.bound.called:
             self.bound.callback(port)
         return port

@@ -6,6 +6,7 @@ string transports in tests), so callers need not check.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
@@ -42,15 +43,11 @@ def quickack(transport: Any) -> None:
     """
     sock = tcp_socket(transport)
     if sock is not None and hasattr(socket, "TCP_QUICKACK"):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:
-            pass
 
 
-def set_keepalive(
-    transport: Any, idle: int = 30, interval: int = 10, count: int = 3
-) -> None:
+def set_keepalive(transport: Any, idle: int = 30, interval: int = 10, count: int = 3) -> None:
     """Detect a dead peer (power loss, pulled cable) on an idle connection.
 
     With the defaults a silent peer is declared dead after about a minute;
@@ -68,7 +65,5 @@ def set_keepalive(
     ):
         option = getattr(socket, name, None)
         if option is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
-            except OSError:
-                pass

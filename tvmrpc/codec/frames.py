@@ -61,9 +61,7 @@ class FrameDecoder:
         while end - offset >= 4:
             (length,) = _INT32.unpack_from(buf, offset)
             if length <= 0 or length > self._max_frame_bytes:
-                raise CodecError(
-                    f"frame length {length} outside 1..{self._max_frame_bytes} bytes"
-                )
+                raise CodecError(f"frame length {length} outside 1..{self._max_frame_bytes} bytes")
             if end - offset - 4 < length:
                 break
             start = offset + 4
