@@ -31,6 +31,7 @@ setup(
             "apache-tvm",
             "numpy",
             "tornado",
+            "cloudpickle",
             "autobahn>=23.1",
             "psutil",
             "pyelftools",

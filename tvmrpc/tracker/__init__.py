@@ -1,0 +1,1 @@
+"""The tracker: a pure scheduler, the protocol and the twistd service."""

@@ -1,0 +1,185 @@
+"""The tracker's scheduler: free resources and queued requests per key.
+
+Pure: no sockets, no reactor. Owners are opaque hashable objects (the
+tracker uses its connections). Invariants:
+
+- Per key, a request with higher priority is served first, FIFO among equals;
+  free resources are handed out oldest first.
+- A request whose owner is gone is never served and never counted as pending:
+  :meth:`Scheduler.drop_owner` removes it at once.
+- Every resource an owner PUT and that is still free is removed when the owner
+  is dropped, whether or not it sent UPDATE_INFO.
+- A matchkey appears at most once among free resources: a PUT of a matchkey
+  already free replaces the old entry.
+- An owner's pending matchkeys are those it PUT that are still free.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+import attrs
+
+
+@attrs.define(eq=False)
+class Resource:
+    """A free server slot: clients connect to ``addr:port`` presenting ``matchkey``."""
+
+    key: str
+    addr: str
+    port: int
+    matchkey: str
+    owner: Hashable
+
+    def value(self) -> list[Any]:
+        """The REQUEST reply payload ``[addr, port, matchkey]``."""
+        return [self.addr, self.port, self.matchkey]
+
+
+@attrs.define(eq=False)
+class Request:
+    """A queued REQUEST; ``live`` turns false when it is cancelled."""
+
+    key: str
+    user: str
+    priority: float
+    seq: int
+    owner: Hashable
+    live: bool = True
+
+
+@attrs.frozen
+class Assignment:
+    """A resource handed to a request; the caller replies to ``request.owner``."""
+
+    request: Request
+    resource: Resource
+
+
+@attrs.define(eq=False)
+class _Queue:
+    """The state of one key."""
+
+    free: dict[str, Resource] = attrs.Factory(dict)  # insertion order = FIFO
+    heap: list[tuple[float, int, Request]] = attrs.Factory(list)
+    pending: int = 0
+
+
+class Scheduler:
+    """Matches free resources with queued requests, per key."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self._seq = itertools.count()
+        # owner -> matchkey -> Resource (its free resources: the pending matchkeys)
+        self._owned: dict[Hashable, dict[str, Resource]] = {}
+        # owner -> its live requests
+        self._requests: dict[Hashable, list[Request]] = {}
+        # matchkey -> Resource, for replacement across keys and owners
+        self._by_matchkey: dict[str, Resource] = {}
+
+    # -- commands ------------------------------------------------------------
+
+    def put(
+        self, key: str, addr: str, port: int, matchkey: str, owner: Hashable
+    ) -> list[Assignment]:
+        """Add a free resource (replacing one with the same matchkey) and match."""
+        old = self._by_matchkey.get(matchkey)
+        if old is not None:
+            self._discard(old)
+        resource = Resource(key=key, addr=addr, port=port, matchkey=matchkey, owner=owner)
+        self._queue(key).free[matchkey] = resource
+        self._owned.setdefault(owner, {})[matchkey] = resource
+        self._by_matchkey[matchkey] = resource
+        return self._match(key)
+
+    def request(
+        self, key: str, user: str, priority: float, owner: Hashable
+    ) -> tuple[Request, list[Assignment]]:
+        """Queue a request and match; the request may be served at once."""
+        request = Request(key=key, user=user, priority=priority, seq=next(self._seq), owner=owner)
+        queue = self._queue(key)
+        heapq.heappush(queue.heap, (-priority, request.seq, request))
+        queue.pending += 1
+        self._requests.setdefault(owner, []).append(request)
+        return request, self._match(key)
+
+    def drop_owner(self, owner: Hashable) -> None:
+        """Forget an owner: cancel its requests and remove its free resources."""
+        for request in self._requests.pop(owner, ()):
+            if request.live:
+                request.live = False
+                queue = self._queues[request.key]
+                queue.pending -= 1
+                if len(queue.heap) > 2 * queue.pending + 64:
+                    # Cancelled entries are skipped lazily; compact before they pile up.
+                    queue.heap = [entry for entry in queue.heap if entry[2].live]
+                    heapq.heapify(queue.heap)
+        for resource in list(self._owned.get(owner, {}).values()):
+            self._discard(resource)
+        self._owned.pop(owner, None)
+
+    def remove(self, matchkey: str) -> bool:
+        """Remove a free resource by matchkey; return whether it was there."""
+        resource = self._by_matchkey.get(matchkey)
+        if resource is None:
+            return False
+        self._discard(resource)
+        return True
+
+    # -- queries -------------------------------------------------------------
+
+    def pending_matchkeys(self, owner: Hashable) -> list[str]:
+        """The matchkeys ``owner`` PUT that no request has taken yet."""
+        return list(self._owned.get(owner, ()))
+
+    def queue_info(self) -> dict[str, dict[str, int]]:
+        """``{key: {"free": n, "pending": m}}`` for every key ever seen (as stock)."""
+        return {
+            key: {"free": len(queue.free), "pending": queue.pending}
+            for key, queue in self._queues.items()
+        }
+
+    def free_resources(self, key: str) -> Iterator[Resource]:
+        """The free resources of ``key``, oldest first."""
+        queue = self._queues.get(key)
+        return iter(list(queue.free.values())) if queue else iter(())
+
+    # -- internals -----------------------------------------------------------
+
+    def _queue(self, key: str) -> _Queue:
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        return queue
+
+    def _discard(self, resource: Resource) -> None:
+        self._queues[resource.key].free.pop(resource.matchkey, None)
+        owned = self._owned.get(resource.owner)
+        if owned is not None:
+            owned.pop(resource.matchkey, None)
+        if self._by_matchkey.get(resource.matchkey) is resource:
+            del self._by_matchkey[resource.matchkey]
+
+    def _match(self, key: str) -> list[Assignment]:
+        queue = self._queues[key]
+        assignments = []
+        while queue.free and queue.heap:
+            _, _, request = heapq.heappop(queue.heap)
+            if not request.live:
+                continue
+            matchkey = next(iter(queue.free))
+            resource = queue.free[matchkey]
+            self._discard(resource)
+            request.live = False
+            queue.pending -= 1
+            owned_requests = self._requests.get(request.owner)
+            if owned_requests is not None:
+                owned_requests.remove(request)
+                if not owned_requests:
+                    del self._requests[request.owner]
+            assignments.append(Assignment(request=request, resource=resource))
+        return assignments

@@ -1,0 +1,57 @@
+"""``twistd tvm-tracker``: options and the service tree."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.python import usage
+
+from ..codec import MAX_FRAME_BYTES
+from ..listening import ListenOptions, listening_service
+from .protocol import TrackerFactory
+
+DEFAULT_PORT = 9190
+DEFAULT_PORT_END = 9199
+
+
+class Options(ListenOptions):
+    """Flags of ``twistd tvm-tracker`` (stock's --host/--port/--port-end, and more)."""
+
+    synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT]"
+    longdesc = (
+        "Apache TVM RPC tracker. Stock TVM clients, servers and proxies use it "
+        "unchanged. Binds the first free port in [port, port-end) like stock, "
+        "or any Twisted endpoint given with --listen."
+    )
+    optFlags = [
+        ["verbose", "v", "Log every PUT, REQUEST and assignment."],
+    ]
+    optParameters = [
+        ["stop-key", None, None, "Accept STOP requests carrying this key (default: refuse all)."],
+        ["max-frame-bytes", None, MAX_FRAME_BYTES, "Largest request frame accepted.", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["max-frame-bytes"] < 64:
+            raise usage.UsageError("--max-frame-bytes must be at least 64")
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the tracker service from parsed options."""
+    from twisted.internet import reactor
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    factory = TrackerFactory(
+        stop_key=options["stop-key"],
+        on_stop=stop,
+        max_frame_bytes=options["max-frame-bytes"],
+        verbose=options["verbose"],
+    )
+    top = service.MultiService()
+    listener = listening_service(
+        reactor, factory, "tvm-tracker", options, DEFAULT_PORT, DEFAULT_PORT_END
+    )
+    listener.setServiceParent(top)
+    return top
