@@ -1,0 +1,33 @@
+"""The ``tvmrpc`` command: ``tvmrpc query`` and ``tvmrpc demo``.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and
+``run(args) -> int``; this module only dispatches, importing the one chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "query": ("tvmrpc.query", "print a tracker's server list and queue status"),
+    "demo": ("tvmrpc.demo", "tracker, proxy and servers; a stock client runs a compiled model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tvmrpc", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text)
+        if command == [name]:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
