@@ -1,0 +1,54 @@
+"""`tvmrpc query`'s table is stock's ``text_summary`` byte for byte."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm.rpc.client import TrackerSession
+
+from tvmrpc.summary import format_query_output, format_summary
+
+keys = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=18)
+summaries = st.fixed_dictionaries(
+    {
+        "queue_info": st.dictionaries(
+            keys,
+            st.fixed_dictionaries({"free": st.integers(0, 99), "pending": st.integers(0, 999)}),
+            max_size=6,
+        ),
+        "server_info": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "key": keys.map(lambda k: f"server:{k}"),
+                    "addr": st.tuples(
+                        st.sampled_from(["127.0.0.1", "192.0.2.10", "10.0.0.1"]),
+                        st.integers(1, 65535),
+                    ).map(list),
+                }
+            ),
+            max_size=6,
+        ),
+    }
+)
+
+
+class _FakeTrackerSession:
+    def __init__(self, summary):
+        self._summary = summary
+
+    def summary(self):
+        return self._summary
+
+
+@settings(max_examples=200, deadline=None)
+@given(summaries)
+def test_matches_stock_text_summary(summary):
+    stock = TrackerSession.text_summary(_FakeTrackerSession(summary))
+    assert format_summary(summary) == stock
+
+
+def test_query_output_frame():
+    summary = {"queue_info": {}, "server_info": []}
+    text = format_query_output("h", 1, summary)
+    assert text.startswith("Tracker address h:1\n\n")
+    assert text.endswith(format_summary(summary) + "\n")

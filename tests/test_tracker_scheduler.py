@@ -1,0 +1,153 @@
+"""The tracker's scheduler, as plain function calls."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tvmrpc.tracker.scheduler import Scheduler
+
+SERVER, OTHER_SERVER = object(), object()
+
+
+def served(assignments):
+    return [(a.request.owner, a.resource.matchkey) for a in assignments]
+
+
+def test_request_waits_until_put():
+    s = Scheduler()
+    request, now = s.request("rk", "u", 1, "client")
+    assert now == []
+    assert s.queue_info() == {"rk": {"free": 0, "pending": 1}}
+    assignments = s.put("rk", "10.0.0.2", 9090, "rk:1", SERVER)
+    assert served(assignments) == [("client", "rk:1")]
+    assert assignments[0].resource.value() == ["10.0.0.2", 9090, "rk:1"]
+    assert assignments[0].request is request
+    assert s.queue_info() == {"rk": {"free": 0, "pending": 0}}
+    assert s.pending_matchkeys(SERVER) == []
+
+
+def test_free_resource_served_at_once_oldest_first():
+    s = Scheduler()
+    s.put("rk", "a", 1, "rk:1", SERVER)
+    s.put("rk", "b", 2, "rk:2", OTHER_SERVER)
+    _, first = s.request("rk", "u", 1, "c1")
+    _, second = s.request("rk", "u", 1, "c2")
+    assert served(first) == [("c1", "rk:1")]
+    assert served(second) == [("c2", "rk:2")]
+
+
+def test_priority_then_fifo():
+    s = Scheduler()
+    for name, prio in [("low", 1), ("high1", 5), ("mid", 3), ("high2", 5)]:
+        s.request("rk", name, prio, name)
+    order = []
+    for i in range(4):
+        order += [owner for owner, _ in served(s.put("rk", "a", 1, f"rk:{i}", SERVER))]
+    assert order == ["high1", "high2", "mid", "low"]
+
+
+def test_keys_are_independent():
+    s = Scheduler()
+    s.request("a", "u", 1, "ca")
+    assert s.put("b", "h", 1, "b:1", SERVER) == []
+    assert s.queue_info() == {"a": {"free": 0, "pending": 1}, "b": {"free": 1, "pending": 0}}
+
+
+def test_dropped_requester_never_served_nor_pending():
+    s = Scheduler()
+    s.request("rk", "u", 9, "gone")
+    s.request("rk", "u", 1, "stays")
+    s.drop_owner("gone")
+    assert s.queue_info()["rk"]["pending"] == 1
+    assert served(s.put("rk", "a", 1, "rk:1", SERVER)) == [("stays", "rk:1")]
+
+
+def test_dropped_server_resources_removed_without_update_info():
+    s = Scheduler()
+    s.put("rk", "a", 1, "rk:1", SERVER)
+    s.put("rk", "a", 2, "rk:2", SERVER)
+    s.put("rk", "b", 3, "rk:3", OTHER_SERVER)
+    s.drop_owner(SERVER)
+    assert s.queue_info()["rk"] == {"free": 1, "pending": 0}
+    assert [r.matchkey for r in s.free_resources("rk")] == ["rk:3"]
+    assert s.pending_matchkeys(SERVER) == []
+
+
+def test_put_of_queued_matchkey_replaces():
+    s = Scheduler()
+    s.put("rk", "a", 1, "rk:1", SERVER)
+    s.put("rk", "a", 5, "rk:1", SERVER)
+    assert s.queue_info()["rk"]["free"] == 1
+    assert [r.port for r in s.free_resources("rk")] == [5]
+    assert s.pending_matchkeys(SERVER) == ["rk:1"]
+
+
+def test_pending_matchkeys_and_remove():
+    s = Scheduler()
+    s.put("rk", "a", 1, "rk:1", SERVER)
+    s.put("rk", "a", 1, "rk:2", SERVER)
+    s.request("rk", "u", 1, "c")
+    assert s.pending_matchkeys(SERVER) == ["rk:2"]
+    assert s.remove("rk:2") is True
+    assert s.remove("rk:2") is False
+    assert s.pending_matchkeys(SERVER) == []
+
+
+def test_many_cancelled_requests_are_compacted():
+    s = Scheduler()
+    for i in range(1000):
+        s.request("rk", "u", 1, f"gone{i}")
+    s.request("rk", "u", 1, "stays")
+    for i in range(1000):
+        s.drop_owner(f"gone{i}")
+    assert s.queue_info()["rk"]["pending"] == 1
+    assert served(s.put("rk", "a", 1, "rk:1", SERVER)) == [("stays", "rk:1")]
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 3), st.integers(0, 5)),
+        st.tuples(st.just("req"), st.integers(0, 3), st.integers(0, 3)),
+        st.tuples(st.just("drop"), st.integers(0, 3), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@given(ops)
+def test_invariants_under_random_operations(operations):
+    """Never serve a dropped owner; counts match a naive model; each resource used once."""
+    s = Scheduler()
+    live_requests: dict[str, list[int]] = {}  # owner -> priorities still waiting
+    dropped_requesters: set[str] = set()
+    handed_out: set[str] = set()
+    for op, a, b in operations:
+        if op == "put":
+            matchkey = f"rk:{a}.{b}"
+            handed_out.discard(matchkey)  # a new PUT is a new resource, even under an old matchkey
+            for assignment in s.put("rk", "h", 1, matchkey, f"srv{a}"):
+                owner = assignment.request.owner
+                assert owner not in dropped_requesters
+                assert assignment.resource.matchkey not in handed_out
+                handed_out.add(assignment.resource.matchkey)
+                live_requests[owner].remove(assignment.request.priority)
+        elif op == "req":
+            owner = f"cli{a}"
+            dropped_requesters.discard(owner)
+            live_requests.setdefault(owner, []).append(b)
+            _, assignments = s.request("rk", "u", b, owner)
+            for assignment in assignments:
+                assert assignment.request.owner == owner
+                assert assignment.resource.matchkey not in handed_out
+                handed_out.add(assignment.resource.matchkey)
+                live_requests[owner].remove(b)
+        else:
+            s.drop_owner(f"cli{a}")
+            s.drop_owner(f"srv{a}")
+            live_requests.pop(f"cli{a}", None)
+            dropped_requesters.add(f"cli{a}")
+        info = s.queue_info().get("rk", {"free": 0, "pending": 0})
+        assert info["pending"] == sum(len(p) for p in live_requests.values())
+        # a key never has both free resources and waiting requests
+        assert not (info["free"] and info["pending"])
