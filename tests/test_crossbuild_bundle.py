@@ -1,0 +1,214 @@
+"""``bundle``: an aarch64 archive from wheels, and a host archive that really serves.
+
+The aarch64 bundle is checked with tools independent of crossbuild's own tag
+logic (``packaging.tags``) and pyelftools. The host bundle is unpacked into
+an empty directory, installed by its ``install.sh`` with no index and a clean
+environment (nothing from this checkout or its venv on the path), started
+from its launcher against our tracker, and a stock client runs the shared
+reference MLP through it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.tags import compatible_tags, cpython_tags
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from crossbuild.__main__ import main
+from crossbuild.elf import ELF_MAGIC, elf_info, elf_members
+from crossbuild.targets import get_target
+from crossbuild.wheels import platform_tags
+from tests.support import Process, free_port, running, start_tracker
+
+PYTHON = sys.version_info[:2]
+PY = "{}.{}".format(*PYTHON)
+NEVER_ON_BOARD = {"numpy", "cloudpickle", "tornado", "apache-tvm"}
+SERVER_WRITTEN = importlib.util.find_spec("tvmrpc.server.service") is not None
+pytestmark = pytest.mark.slow
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    """Extract ``archive`` into the empty ``into``; return its single top directory."""
+    into.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    (top,) = into.iterdir()
+    return top
+
+
+def target_tags(platforms: list[str]) -> set:
+    """Every tag CPython PY on ``platforms`` accepts, per the packaging library."""
+    tags = set(cpython_tags(PYTHON, platforms=platforms))
+    tags |= set(compatible_tags(PYTHON, "cp" + PY.replace(".", ""), platforms=platforms))
+    return tags
+
+
+@pytest.fixture(scope="module")
+def aarch64_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle-aarch64") / "tvmrpc-server-aarch64-linux-gnu.tar.gz"
+    argv = ["bundle", "--target", "aarch64-linux-gnu", "--python", PY, "--glibc", "2.28"]
+    argv += ["--from-wheel", "--tvm-version", metadata.version("apache-tvm"), "-o", str(out)]
+    assert main(argv) == 0
+    return unpack(out, out.parent / "unpacked")
+
+
+def test_aarch64_bundle_has_only_aarch64_code(aarch64_bundle):
+    libs = sorted((aarch64_bundle / "lib").iterdir())
+    assert [p.name for p in libs if p.name == "libtvm_runtime.so"] == ["libtvm_runtime.so"]
+    for path in aarch64_bundle.rglob("*"):
+        if path.is_file() and path.read_bytes()[:4] == ELF_MAGIC:
+            assert elf_info(path).machine == "EM_AARCH64", path
+    elf_in_wheels = 0
+    for wheel in (aarch64_bundle / "wheels").glob("*.whl"):
+        for member, info in elf_members(wheel):
+            assert info.machine == "EM_AARCH64", f"{wheel.name}:{member}"
+            elf_in_wheels += 1
+    assert elf_in_wheels > 0  # tvm_ffi, cryptography, zope.interface ... are compiled
+
+
+def test_aarch64_bundle_wheels_fit_the_board(aarch64_bundle):
+    ok = target_tags(platform_tags(get_target("aarch64-linux-gnu"), (2, 28)))
+    names = set()
+    for wheel in (aarch64_bundle / "wheels").glob("*.whl"):
+        name, _version, _build, tags = parse_wheel_filename(wheel.name)
+        assert tags & ok, f"{wheel.name} does not fit cp{PY} manylinux aarch64 glibc 2.28"
+        names.add(canonicalize_name(name))
+    assert {"tvmrpc", "twisted", "apache-tvm-ffi"} <= names
+    assert not names & NEVER_ON_BOARD
+    manifest = json.loads((aarch64_bundle / "manifest.json").read_text())
+    assert manifest["target"] == "aarch64-linux-gnu"
+    assert manifest["python"] == PY
+    assert manifest["runtime"]["libtvm_runtime.so"] == "AArch64"
+
+
+def test_aarch64_bundle_layout(aarch64_bundle):
+    for script in ("install.sh", "bin/tvm-server"):
+        assert os.access(aarch64_bundle / script, os.X_OK), script
+    launcher = (aarch64_bundle / "bin" / "tvm-server").read_text()
+    assert "-n --pidfile= tvm-server" in launcher
+    unit = (aarch64_bundle / "systemd" / "tvm-server@.service.in").read_text()
+    assert "EnvironmentFile=/etc/tvmrpc/%i.env" in unit
+    assert "--key ${TVM_KEY} --tracker ${TVM_TRACKER}" in unit
+    env = (aarch64_bundle / "systemd" / "tvm-server.env").read_text()
+    assert "TVM_KEY=" in env
+    assert "TVM_TRACKER=" in env
+
+
+# --- the host bundle, installed and serving ----------------------------------
+
+
+def clean_env() -> dict[str, str]:
+    """A board-like environment: no venv, no PYTHONPATH, no pip configuration."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        "PIP_CONFIG_FILE": os.devnull,
+        "TVM_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def bare_python(tmp_path) -> str:
+    """A Python with no packages at all (the base interpreter here may have numpy)."""
+    bare = tmp_path / "bare-python"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    return str(bare / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def host_bundle(tmp_path_factory) -> Path:
+    import tvm
+
+    work = tmp_path_factory.mktemp("bundle-host")
+    runtime = work / "runtime"
+    runtime.mkdir()
+    for lib in Path(tvm.__file__).parent.joinpath("lib").glob("libtvm_runtime*.so"):
+        if lib.name != "libtvm_runtime_cuda.so":  # needs CUDA, which this host has not
+            shutil.copy2(lib, runtime / lib.name)
+    out = work / "tvmrpc-server-host.tar.gz"
+    argv = ["bundle", "--target", "x86_64-linux-gnu", "--python", PY, "--glibc", "2.28"]
+    argv += ["--runtime", str(runtime), "-o", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.mark.parametrize("mode", ["venv", "plain"])
+def test_host_bundle_installs_offline(host_bundle, bare_python, tmp_path, mode):
+    top = unpack(host_bundle, tmp_path / "unpacked")
+    prefix = tmp_path / "board"
+    base = bare_python
+    result = subprocess.run(
+        [str(top / "install.sh"), f"--{mode}", "--prefix", str(prefix), "--python", base],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"installed ({mode}) in {prefix}" in result.stdout
+    python = str(prefix / "venv" / "bin" / "python") if mode == "venv" else base
+    env = clean_env()
+    if mode == "plain":
+        env["PYTHONPATH"] = str(prefix / "site-packages")
+    probe = (
+        "import importlib.util as u, tvmrpc, tvm_ffi, twisted.plugins.tvmrpc_plugins as p;"
+        "print(tvmrpc.__file__);"
+        "print([m for m in ('numpy', 'cloudpickle', 'tornado', 'tvm') if u.find_spec(m)])"
+    )
+    out = subprocess.run(
+        [python, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    where, missing = out.stdout.splitlines()
+    assert where.startswith(str(prefix))  # the bundle's tvmrpc, not this checkout's
+    assert missing == "[]"
+    unit = (prefix / "systemd" / "tvm-server@.service").read_text()
+    assert f"ExecStart={prefix}/bin/tvm-server --key" in unit
+
+
+@pytest.mark.stock
+@pytest.mark.skipif(
+    not SERVER_WRITTEN,
+    reason="the tvm-server plugin module tvmrpc/server/service.py is not in this checkout yet",
+)
+@pytest.mark.parametrize("mode", ["venv", "plain"])
+def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, log_dir, mode):
+    from tvm import rpc
+
+    from tvmrpc.mlp import build_mlp, run_mlp
+
+    top = unpack(host_bundle, tmp_path / "unpacked")
+    prefix = tmp_path / "board"
+    base = bare_python
+    subprocess.run(
+        [str(top / "install.sh"), f"--{mode}", "--prefix", str(prefix), "--python", base],
+        env=clean_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = clean_env()
+    env["TVMRPC_PYTHON"] = base
+    library = build_mlp(tmp_path / "model")
+    key = f"bundle-{mode}"
+    with running(start_tracker(log_dir, "--verbose")) as tracker:
+        launcher = [str(prefix / "bin" / "tvm-server"), "--key", key]
+        launcher += ["--tracker", f"127.0.0.1:{tracker.port}", "--port", str(free_port())]
+        with running(Process(launcher, log_dir / "bundle-server.log", env=env, cwd=tmp_path)):
+            tracker.wait_for(rf"server:{key} registered from 127\.0\.0\.1")
+            client = rpc.connect_tracker("127.0.0.1", tracker.port)
+            session = client.request(key, priority=1, session_timeout=60)
+            result = run_mlp(session, library)
+            assert result.ok, (result.output, result.expected)
