@@ -168,3 +168,42 @@ def test_real_tvm_tree(tmp_path, capsys):
     libraries = [line for line in out.splitlines() if "libtvm_runtime" in line]
     assert libraries
     assert all(line.endswith("  AArch64") for line in libraries)
+
+
+def make_linaro_root(root: Path) -> Path:
+    """A vendor toolchain in the Linaro layout, made of Debian's cross compiler.
+
+    ``<root>/bin/aarch64-linux-gnu-g++`` and the sysroot
+    ``<root>/aarch64-linux-gnu/libc`` (links into ``/usr/aarch64-linux-gnu``).
+    """
+    triple = "aarch64-linux-gnu"
+    (root / "bin").mkdir(parents=True)
+    for tool in ("gcc", "g++"):
+        (root / "bin" / f"{triple}-{tool}").symlink_to(shutil.which(f"{triple}-{tool}"))
+    libc = root / triple / "libc"
+    (libc / "usr").mkdir(parents=True)
+    (libc / "usr" / "include").symlink_to(f"/usr/{triple}/include")
+    (libc / "usr" / "lib").symlink_to(f"/usr/{triple}/lib")
+    (libc / "lib").symlink_to(f"/usr/{triple}/lib")
+    return root
+
+
+@needs_aarch64
+def test_vendor_toolchain_root(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tvm")
+    root = make_linaro_root(tmp_path / "gcc-linaro")
+    build = tmp_path / "build"
+    code, out, err = run(
+        capsys,
+        *("--tvm-source", str(tree), "--target", "aarch64-linux-gnu", "--root", str(root)),
+        *("--build-dir", str(build)),
+    )
+    assert code == 0, err
+    assert f"{build / 'libtvm_runtime.so'}  AArch64" in out.splitlines()
+    toolchain = (build / "toolchain-aarch64-linux-gnu.cmake").read_text()
+    assert f'set(CMAKE_SYSROOT "{root}/aarch64-linux-gnu/libc")' in toolchain
+    # The link line CMake wrote uses the vendor compiler with the vendor sysroot.
+    link = (build / "CMakeFiles" / "tvm_runtime.dir" / "link.txt").read_text()
+    assert link.startswith(
+        f"{root}/bin/aarch64-linux-gnu-g++ --sysroot={root}/aarch64-linux-gnu/libc"
+    )
