@@ -72,7 +72,12 @@ int main() {
 def tvm_ffi_source(request, tmp_path_factory) -> Path:
     """apache-tvm-ffi's sdist (the installed version) unpacked; the download is cached."""
     version = metadata.version("apache-tvm-ffi")
-    cache = Path(request.config.cache.mkdir("crossbuild-sdist"))
+    store = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    cache = (
+        Path(store.mkdir("crossbuild-sdist"))
+        if store is not None
+        else tmp_path_factory.mktemp("sdist")
+    )
     found = sorted(cache.glob(f"apache_tvm_ffi-{version}.tar.gz"))
     if not found:
         # --no-binary for this package only: with :all: pip would also build
