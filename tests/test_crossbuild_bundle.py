@@ -28,7 +28,7 @@ from crossbuild.__main__ import main
 from crossbuild.elf import ELF_MAGIC, elf_info, elf_members
 from crossbuild.targets import get_target
 from crossbuild.wheels import platform_tags
-from tests.support import Process, free_port, running, start_tracker
+from tests.support import REPO_ROOT, Process, free_port, running, start_tracker
 
 PYTHON = sys.version_info[:2]
 PY = "{}.{}".format(*PYTHON)
@@ -58,6 +58,7 @@ def aarch64_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle-aarch64") / "tvmrpc-server-aarch64-linux-gnu.tar.gz"
     argv = ["bundle", "--target", "aarch64-linux-gnu", "--python", PY, "--glibc", "2.28"]
     argv += ["--from-wheel", "--tvm-version", metadata.version("apache-tvm"), "-o", str(out)]
+    argv += ["--tvmrpc-source", str(REPO_ROOT)]
     assert main(argv) == 0
     return unpack(out, out.parent / "unpacked")
 
@@ -139,7 +140,7 @@ def host_bundle(tmp_path_factory) -> Path:
             shutil.copy2(lib, runtime / lib.name)
     out = work / "tvmrpc-server-host.tar.gz"
     argv = ["bundle", "--target", "x86_64-linux-gnu", "--python", PY, "--glibc", "2.28"]
-    argv += ["--runtime", str(runtime), "-o", str(out)]
+    argv += ["--runtime", str(runtime), "-o", str(out), "--tvmrpc-source", str(REPO_ROOT)]
     assert main(argv) == 0
     return out
 
@@ -162,18 +163,28 @@ def test_host_bundle_installs_offline(host_bundle, bare_python, tmp_path, mode):
     env = clean_env()
     if mode == "plain":
         env["PYTHONPATH"] = str(prefix / "site-packages")
+    # The bundle's runtime loads into the bundle's tvm_ffi and has the RPC server loop.
     probe = (
-        "import importlib.util as u, tvmrpc, tvm_ffi, twisted.plugins.tvmrpc_plugins as p;"
+        "import ctypes, sys, importlib.util as u, tvmrpc, tvm_ffi, twisted.plugins.tvmrpc_plugins;"
+        "ctypes.CDLL(sys.argv[1], ctypes.RTLD_GLOBAL);"
+        "assert tvm_ffi.get_global_func('rpc.ServerLoop') is not None;"
         "print(tvmrpc.__file__);"
         "print([m for m in ('numpy', 'cloudpickle', 'tornado', 'tvm') if u.find_spec(m)])"
     )
     out = subprocess.run(
-        [python, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [python, "-c", probe, str(prefix / "lib" / "libtvm_runtime.so")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     where, missing = out.stdout.splitlines()
     assert where.startswith(str(prefix))  # the bundle's tvmrpc, not this checkout's
     assert missing == "[]"
+    if mode == "plain":
+        assert (prefix / "bin" / ".python").read_text().strip() == base
     unit = (prefix / "systemd" / "tvm-server@.service").read_text()
     assert f"ExecStart={prefix}/bin/tvm-server --key" in unit
 
@@ -200,7 +211,6 @@ def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, l
         timeout=300,
     )
     env = clean_env()
-    env["TVMRPC_PYTHON"] = base
     library = build_mlp(tmp_path / "model")
     key = f"bundle-{mode}"
     with running(start_tracker(log_dir, "--verbose")) as tracker:

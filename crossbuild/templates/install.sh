@@ -40,13 +40,15 @@ if [ "$PREFIX" != "$HERE" ]; then
   cp "$HERE/systemd/tvm-server.env" "$PREFIX/systemd/"
 fi
 if [ "$MODE" = venv ]; then
+  rm -rf "$PREFIX/site-packages" "$PREFIX/bin/.python"
   "$PY" -m venv "$PREFIX/venv"
   # Offline: no index, no user or site pip configuration.
   PIP_CONFIG_FILE=/dev/null "$PREFIX/venv/bin/python" -m pip install -q --no-index \
-    --disable-pip-version-check --no-warn-script-location \
+    --disable-pip-version-check --no-warn-script-location --force-reinstall \
     --find-links "$HERE/wheels" @REQUIREMENTS@
 else
   # A wheel is a zip file: unpack it, then move any *.data/{purelib,platlib} into place.
+  rm -rf "$PREFIX/site-packages" "$PREFIX/venv"
   "$PY" - "$HERE/wheels" "$PREFIX/site-packages" <<'PYEOF'
 import pathlib, shutil, sys, zipfile
 wheels, site = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -60,6 +62,8 @@ for data in site.glob("*.data"):
             shutil.copytree(data / kind, site, dirs_exist_ok=True)
     shutil.rmtree(data)
 PYEOF
+  # The launcher runs the Python the packages were installed for.
+  "$PY" -c 'import sys; print(sys.executable)' > "$PREFIX/bin/.python"
 fi
 sed "s|@PREFIX@|$PREFIX|g" "$HERE/systemd/tvm-server@.service.in" > "$PREFIX/systemd/tvm-server@.service"
 chmod 755 "$PREFIX/bin/tvm-server"
