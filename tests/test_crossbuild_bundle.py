@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -222,3 +223,48 @@ def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, l
             session = client.request(key, priority=1, session_timeout=60)
             result = run_mlp(session, library)
             assert result.ok, (result.output, result.expected)
+
+
+RUNTIME_PROBE_C = """\
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+typedef struct { const char* data; size_t size; } ByteArray;
+typedef int (*GetGlobal)(const ByteArray*, void**);
+int main(int argc, char** argv) {
+  if (!dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL)) { printf("dlopen: %s\\n", dlerror()); return 2; }
+  GetGlobal get = (GetGlobal)dlsym(RTLD_DEFAULT, "TVMFFIFunctionGetGlobal");
+  if (!get) { printf("no TVMFFIFunctionGetGlobal\\n"); return 3; }
+  ByteArray name = {argv[2], strlen(argv[2])};
+  void* func = NULL;
+  if (get(&name, &func) != 0 || func == NULL) { printf("no %s\\n", argv[2]); return 4; }
+  printf("found %s\\n", argv[2]);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (qemu-user)",
+)
+def test_aarch64_bundle_runtime_loads_on_aarch64(aarch64_bundle, tmp_path):
+    """The bundled runtime and the bundled tvm_ffi load together on AArch64 (under qemu)."""
+    (wheel,) = (aarch64_bundle / "wheels").glob("apache_tvm_ffi-*.whl")
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    with zipfile.ZipFile(wheel) as archive:
+        (libs / "libtvm_ffi.so").write_bytes(archive.read("tvm_ffi/lib/libtvm_ffi.so"))
+    source = tmp_path / "probe.c"
+    source.write_text(RUNTIME_PROBE_C)
+    probe = tmp_path / "probe"
+    subprocess.run(["aarch64-linux-gnu-gcc", str(source), "-o", str(probe), "-ldl"], check=True)
+    qemu = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-E", f"LD_LIBRARY_PATH={libs}"]
+    runtime = aarch64_bundle / "lib" / "libtvm_runtime.so"
+    result = subprocess.run(
+        [*qemu, str(probe), str(runtime), "rpc.ServerLoop"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "found rpc.ServerLoop"), result
