@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from crossbuild import config as cfg
-from crossbuild.bundle import BundleSpec, make_bundle
+from crossbuild.bundle import BundleSpec, bundle_name, make_bundle
 from crossbuild.elf import machine_label
 from crossbuild.errors import CrossbuildError
 from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
@@ -196,6 +196,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     target = get_target(args.target)
     python = parse_version(args.python, "--python")
     platforms = _platforms(args, target)
+    bundle_name(args.output)  # a bad -o fails before any download
     with tempfile.TemporaryDirectory(prefix="tvm-runtime-") as tmp:
         requirement = None
         if args.from_wheel:

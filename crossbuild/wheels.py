@@ -123,6 +123,7 @@ def parse_version(text: str, what: str) -> tuple[int, int]:
 def _pip_error(result: subprocess.CompletedProcess[str], what: str) -> CrossbuildError:
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
     reason = next((line for line in lines if line.startswith("ERROR:")), lines[-1] if lines else "")
+    reason = reason.removeprefix("ERROR:").strip()
     return CrossbuildError(f"pip could not {what}: {reason}")
 
 
