@@ -1,0 +1,34 @@
+"""Our proxy (``twistd -n tvm-proxy``) between stock TVM servers and clients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import rpc
+
+from tests.proxy_support import start_proxied_server, start_proxy
+from tests.support import running
+
+pytestmark = pytest.mark.stock
+
+
+@pytest.fixture
+def proxy(log_dir):
+    with running(start_proxy(log_dir)) as daemon:
+        yield daemon
+
+
+def test_stock_server_and_client_through_proxy(proxy, log_dir):
+    with running(start_proxied_server(log_dir, proxy, "dev")):
+        session = rpc.connect("127.0.0.1", proxy.port, key="dev", session_timeout=60)
+        echo = session.get_function("testing.echo")
+        assert echo("hello through the proxy") == "hello through the proxy"
+        assert echo(12345) == 12345
+        # 64 MiB up and back down, intact
+        data = np.random.default_rng(4).integers(0, 256, size=64 << 20, dtype=np.uint8)
+        remote = tvm.runtime.tensor(data, session.cpu())
+        back = remote.numpy()
+        assert back.shape == data.shape
+        assert np.array_equal(back, data)
+        del remote, session

@@ -1,0 +1,70 @@
+"""TCP legs: the proxy port's protocol and factory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from .. import sockopts
+from .leg import LegMixin
+from .switchboard import Switchboard
+
+#: Read size and write-buffer high-water mark while forwarding (Twisted's default is 64 KiB).
+FORWARD_BUFFER = 1 << 18
+
+
+class ProxyProtocol(LegMixin, Protocol):
+    """One TCP connection on the proxy port: handshake, wait, forward."""
+
+    def __init__(self, switchboard: Switchboard, handshake_timeout: float) -> None:
+        self._leg_init(switchboard, handshake_timeout)
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_name = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        sockopts.set_nodelay(self.transport)
+        self._leg_started()
+
+    def dataReceived(self, data: bytes) -> None:
+        sockopts.quickack(self.transport)
+        self._leg_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._leg_lost()
+
+    # -- LegMixin hooks ---------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def _close(self) -> None:
+        self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self.transport.abortConnection()
+
+    def _producer(self) -> Any:
+        return self.transport
+
+    def _on_waiting(self) -> None:
+        sockopts.set_keepalive(self.transport)
+
+    def _on_forwarding(self) -> None:
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = FORWARD_BUFFER
+
+
+class ProxyFactory(Factory):
+    """Builds :class:`ProxyProtocol` legs sharing one switchboard."""
+
+    def __init__(self, switchboard: Switchboard, handshake_timeout: float = 5.0) -> None:
+        self.switchboard = switchboard
+        self.handshake_timeout = handshake_timeout
+
+    def buildProtocol(self, addr: Any) -> ProxyProtocol:
+        proto = ProxyProtocol(self.switchboard, self.handshake_timeout)
+        proto.factory = self
+        return proto

@@ -1,0 +1,104 @@
+"""``twistd tvm-proxy``: options and the service tree."""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.python import usage
+
+from ..listening import ListeningService, ListenOptions, listening_service
+from .protocol import ProxyFactory
+from .switchboard import Switchboard
+
+DEFAULT_PORT = 9090
+DEFAULT_PORT_END = 9199
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts in brackets) to a tuple; raise UsageError if bad."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise usage.UsageError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class Options(ListenOptions):
+    """Flags of ``twistd tvm-proxy`` (stock's, plus --listen and timeouts)."""
+
+    synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT] [--tracker H:P]"
+    longdesc = (
+        "Apache TVM RPC proxy. Stock servers (--through-proxy, or the WebSocket "
+        "server at --web-port /ws) and stock clients connect to it and are paired "
+        "by key. With --tracker, servers behind it are registered at a tracker."
+    )
+    optParameters = [
+        ["web-port", None, None, "HTTP/WebSocket port (path /ws); off if unset.", int],
+        ["web-listen", None, None, "Twisted endpoint string for the WebSocket server."],
+        ["tracker", None, None, "Register waiting servers at this tracker, HOST:PORT."],
+        ["custom-addr", None, None, "Address the tracker hands clients (default: our IP)."],
+        ["timeout-client", None, 600.0, "Seconds a client waits for a server.", float],
+        ["timeout-server", None, 600.0, "Seconds a server waits (not in tracker mode).", float],
+        ["handshake-timeout", None, 5.0, "Seconds allowed to send the handshake.", float],
+        ["tracker-period", None, 2.0, "Seconds between tracker pending-key checks.", float],
+        ["index-page", None, None, "HTML page served at / on the web port."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["resource-files"] = []
+
+    def opt_resource_files(self, value: str) -> None:
+        """A static file for the web port, [PREFIX=]PATH (repeatable)."""
+        prefix, sep, path = value.partition("=")
+        if not sep:
+            prefix, path = "/", value
+        self["resource-files"].append((prefix, path))
+
+    def postOptions(self) -> None:
+        if self["tracker"]:
+            self["tracker"] = parse_hostport(self["tracker"])
+        if self["handshake-timeout"] <= 0:
+            raise usage.UsageError("--handshake-timeout must be positive")
+
+
+def makeService(options: Options) -> service.IService:
+    """Build the proxy service from parsed options."""
+    from twisted.internet import reactor
+
+    tracker = options["tracker"]
+    switchboard = Switchboard(
+        reactor,
+        timeout_client=options["timeout-client"],
+        timeout_server=options["timeout-server"],
+        tracker_mode=bool(tracker),
+    )
+    factory = ProxyFactory(switchboard, options["handshake-timeout"])
+    top = service.MultiService()
+    listener = listening_service(
+        reactor, factory, "tvm-proxy", options, DEFAULT_PORT, DEFAULT_PORT_END
+    )
+    listener.setServiceParent(top)
+    if options["web-port"] is not None or options["web-listen"]:
+        from .websocket import web_factory
+
+        web = ListeningService(
+            reactor,
+            web_factory(switchboard, options),
+            "tvm-proxy web",
+            listen=options["web-listen"],
+            host=options["host"],
+            port=options["web-port"] or 0,
+        )
+        web.setServiceParent(top)
+    if tracker:
+        from .registrar import Registrar
+
+        registrar = Registrar(
+            reactor,
+            switchboard,
+            tracker,
+            listener.bound,
+            custom_addr=options["custom-addr"],
+            period=options["tracker-period"],
+        )
+        registrar.setServiceParent(top)
+    return top

@@ -1,0 +1,127 @@
+"""The switchboard: applies the pairing table to live legs, with timers.
+
+A *leg* is one connection that finished its handshake (TCP or WebSocket).
+The switchboard decides its fate and tells it through :class:`ILeg`.
+
+Invariants:
+- Every leg handed to :meth:`Switchboard.arrive` ends in exactly one of:
+  paired (``pair`` called on both legs), refused (``refuse`` called once),
+  or withdrawn because it closed (``leave``).
+- A waiting leg has a timer exactly when it has a deadline; the timer is
+  cancelled when the leg stops waiting for any reason.
+- In tracker mode servers wait without deadline under fresh match keys
+  (as stock does: the tracker hands their keys to clients); clients never
+  wait, a client without a waiting server is refused with no-match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface
+
+from ..codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, PeerKey
+from .pairing import SERVER, Duplicate, NoMatch, Paired, PairingTable, Waiting
+
+log = Logger(namespace="tvmrpc.proxy")
+
+
+class ILeg(Interface):
+    """One side of a pairing, as the switchboard sees it."""
+
+    key = Attribute("The full handshake key string as received (options included).")
+    peer_name = Attribute("A short description of the remote end, for logs.")
+
+    def pair(peer: ILeg) -> None:  # noqa: N805 - zope interface method
+        """Answer success with ``peer.key`` and start forwarding to ``peer``."""
+
+    def start() -> None:
+        """Both sides are answered: begin forwarding (called after ``pair`` on both)."""
+
+    def refuse(code: int) -> None:  # noqa: N805
+        """Answer ``code`` (duplicate or no-match) and close."""
+
+
+class Switchboard:
+    """Pairs legs by key; in tracker mode tells a registrar about waiting servers."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout_client: float | None = 600.0,
+        timeout_server: float | None = 600.0,
+        tracker_mode: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.timeouts = {"client": timeout_client, "server": timeout_server}
+        self.tracker_mode = tracker_mode
+        self.table: PairingTable[object] = PairingTable()
+        self._timers: dict[object, IDelayedCall] = {}
+        #: Called with (device key, match key) when a server starts waiting (tracker mode).
+        self.on_server_waiting: Callable[[str, str], None] | None = None
+        self.pairings = 0
+
+    def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
+        """A leg finished its handshake as ``key.role`` with proxy match key ``matchkey``."""
+        now = self.clock.seconds()
+        timeout = self.timeouts[key.role]
+        may_wait = True
+        device_key = matchkey
+        if self.tracker_mode:
+            if key.role == SERVER:
+                matchkey = self.table.fresh_server_key(matchkey)
+                timeout = None
+            else:
+                may_wait = False
+        if timeout is not None and timeout <= 0:
+            timeout = None
+        outcome = self.table.arrive(leg, key.role, matchkey, now, timeout, may_wait)
+        if isinstance(outcome, Paired):
+            peer = outcome.peer
+            self._cancel_timer(peer)
+            self.pairings += 1
+            log.info(
+                "paired {a} with {b} on {matchkey}",
+                a=leg.peer_name,
+                b=peer.peer_name,
+                matchkey=matchkey,
+            )
+            leg.pair(peer)
+            peer.pair(leg)
+            leg.start()
+            peer.start()
+        elif isinstance(outcome, Waiting):
+            log.info("{leg} waits as {role} {matchkey}", leg=leg.peer_name, role=key.role,
+                      matchkey=matchkey)
+            if outcome.deadline is not None:
+                self._timers[leg] = self.clock.callLater(
+                    outcome.deadline - now, self._expire
+                )
+            if self.tracker_mode and key.role == SERVER and self.on_server_waiting:
+                self.on_server_waiting(device_key, matchkey)
+        elif isinstance(outcome, Duplicate):
+            log.info("duplicate {role} key {matchkey} from {leg}", role=key.role,
+                     matchkey=matchkey, leg=leg.peer_name)
+            leg.refuse(RPC_CODE_DUPLICATE)
+        elif isinstance(outcome, NoMatch):
+            log.info("no server waits for client key {matchkey} from {leg}",
+                     matchkey=matchkey, leg=leg.peer_name)
+            leg.refuse(RPC_CODE_MISMATCH)
+
+    def leave(self, leg: object) -> None:
+        """A leg closed; if it was waiting, forget it."""
+        self._cancel_timer(leg)
+        self.table.withdraw(leg)
+
+    def _expire(self) -> None:
+        for leg in self.table.expire(self.clock.seconds()):
+            self._timers.pop(leg, None)
+            log.info("{leg} waited too long for a peer", leg=leg.peer_name)  # type: ignore[attr-defined]
+            leg.refuse(RPC_CODE_MISMATCH)  # type: ignore[attr-defined]
+
+    def _cancel_timer(self, leg: object) -> None:
+        timer = self._timers.pop(leg, None)
+        if timer is not None and timer.active():
+            timer.cancel()
