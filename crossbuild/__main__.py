@@ -192,6 +192,19 @@ def _host_tvm_ffi() -> str | None:
         return None
 
 
+def _tvm_ffi_requirement(explicit: str | None, wheel: str | None, host: str | None) -> str:
+    """The apache-tvm-ffi the board gets: as asked, else the host's (so client and board
+    speak the same FFI) within what the apache-tvm wheel requires, else that requirement."""
+    if explicit:
+        return f"apache-tvm-ffi=={explicit}"
+    if host is None:
+        if wheel is None:
+            raise CrossbuildError("pass --tvm-ffi-version (apache-tvm-ffi is not installed here)")
+        return wheel
+    pin = f"=={host}"
+    return f"{wheel},{pin}" if wheel and wheel != "apache-tvm-ffi" else f"apache-tvm-ffi{pin}"
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     target = get_target(args.target)
     python = parse_version(args.python, "--python")
@@ -207,15 +220,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             runtime_dir, requirement = Path(tmp), result.tvm_ffi_requirement
         else:
             runtime_dir = args.runtime
-        if args.tvm_ffi_version:
-            requirement = f"apache-tvm-ffi=={args.tvm_ffi_version}"
-        elif requirement is None:
-            host = _host_tvm_ffi()
-            if host is None:
-                raise CrossbuildError(
-                    "pass --tvm-ffi-version (apache-tvm-ffi is not installed here)"
-                )
-            requirement = f"apache-tvm-ffi=={host}"
+        requirement = _tvm_ffi_requirement(args.tvm_ffi_version, requirement, _host_tvm_ffi())
         source = args.tvmrpc_source
         if source is None and args.tvmrpc_wheel is None:
             source = CHECKOUT

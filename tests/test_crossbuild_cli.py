@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from crossbuild.__main__ import main
+from crossbuild.errors import CrossbuildError
 from crossbuild.targets import get_target
 from crossbuild.toolchain import shipped_toolchain_path
 from tests.support import REPO_ROOT
@@ -90,3 +91,14 @@ def test_bundle_rejects_a_runtime_for_another_machine(capsys, tmp_path):
         *("-o", str(tmp_path / "out.tar.gz")),
     )
     assert line.endswith("is not a directory")
+
+
+def test_tvm_ffi_requirement_choice():
+    from crossbuild.__main__ import _tvm_ffi_requirement as choose
+
+    assert choose("0.1.9", "apache-tvm-ffi>=0.1.14", "0.1.15") == "apache-tvm-ffi==0.1.9"
+    assert choose(None, "apache-tvm-ffi>=0.1.14", "0.1.15") == "apache-tvm-ffi>=0.1.14,==0.1.15"
+    assert choose(None, None, "0.1.15") == "apache-tvm-ffi==0.1.15"
+    assert choose(None, "apache-tvm-ffi>=0.1.14", None) == "apache-tvm-ffi>=0.1.14"
+    with pytest.raises(CrossbuildError, match="pass --tvm-ffi-version"):
+        choose(None, None, None)
