@@ -190,16 +190,26 @@ def test_host_bundle_installs_offline(host_bundle, bare_python, tmp_path, mode):
     assert f"ExecStart={prefix}/bin/tvm-server --key" in unit
 
 
+@pytest.fixture(scope="module")
+def mlp_library(tmp_path_factory) -> Path:
+    """The shared reference MLP compiled for this host (once for both install modes)."""
+    from tvmrpc.mlp import build_mlp
+
+    return build_mlp(tmp_path_factory.mktemp("model"))
+
+
 @pytest.mark.stock
 @pytest.mark.skipif(
     not SERVER_WRITTEN,
     reason="the tvm-server plugin module tvmrpc/server/service.py is not in this checkout yet",
 )
 @pytest.mark.parametrize("mode", ["venv", "plain"])
-def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, log_dir, mode):
+def test_host_bundle_serves_a_stock_client(
+    host_bundle, bare_python, mlp_library, tmp_path, log_dir, mode
+):
     from tvm import rpc
 
-    from tvmrpc.mlp import build_mlp, run_mlp
+    from tvmrpc.mlp import run_mlp
 
     top = unpack(host_bundle, tmp_path / "unpacked")
     prefix = tmp_path / "board"
@@ -212,7 +222,6 @@ def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, l
         timeout=300,
     )
     env = clean_env()
-    library = build_mlp(tmp_path / "model")
     key = f"bundle-{mode}"
     with running(start_tracker(log_dir, "--verbose")) as tracker:
         launcher = [str(prefix / "bin" / "tvm-server"), "--key", key]
@@ -221,7 +230,7 @@ def test_host_bundle_serves_a_stock_client(host_bundle, bare_python, tmp_path, l
             tracker.wait_for(rf"server:{key} registered from 127\.0\.0\.1")
             client = rpc.connect_tracker("127.0.0.1", tracker.port)
             session = client.request(key, priority=1, session_timeout=60)
-            result = run_mlp(session, library)
+            result = run_mlp(session, mlp_library)
             assert result.ok, (result.output, result.expected)
 
 
