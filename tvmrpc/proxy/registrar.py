@@ -1,0 +1,186 @@
+"""Tracker mode: keep a tracker told about every server waiting at the proxy.
+
+Invariants:
+- Every waiting server is PUT at the tracker under its current match key
+  with the proxy's port (and ``custom_addr`` or null, so the tracker hands
+  clients the proxy's address); after a reconnect every waiting server is
+  re-keyed and PUT again (the old keys may have been handed out already).
+- UPDATE_INFO reports ``server:proxy[k1,k2,...]`` (the device keys seen) on
+  every connection and whenever a new device key appears, before its PUT.
+- A key the tracker handed out (missing from GET_PENDING_MATCHKEYS) that no
+  client used within ``grace`` seconds is re-keyed and PUT again.
+- Nothing blocks: all tracker calls are Deferreds on one connection that
+  ``ClientService`` re-establishes with backoff.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import TrackerClientFactory, TrackerClientProtocol
+from ..codec import split_matchkey
+from .switchboard import Switchboard
+
+log = Logger(namespace="tvmrpc.proxy.tracker")
+
+
+class _TrackerLink(TrackerClientProtocol):
+    """A tracker connection that tells the registrar when it is gone."""
+
+    factory: _LinkFactory
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        self.factory.registrar._lost(self)
+
+
+class _LinkFactory(TrackerClientFactory):
+    protocol = _TrackerLink
+
+    def __init__(self, registrar: Registrar) -> None:
+        self.registrar = registrar
+
+
+class Registrar(service.Service):
+    """Registers the proxy's waiting servers at a tracker (``--tracker``)."""
+
+    name = "tvm-proxy tracker registrar"
+
+    def __init__(
+        self,
+        reactor: Any,
+        switchboard: Switchboard,
+        tracker: tuple[str, int],
+        bound: defer.Deferred[IListeningPort],
+        custom_addr: str | None = None,
+        period: float = 2.0,
+        grace: float = 5.0,
+    ) -> None:
+        self.reactor = reactor
+        self.switchboard = switchboard
+        self.tracker = tracker
+        self.bound = bound
+        self.custom_addr = custom_addr
+        self.period = period
+        self.grace = grace
+        self.port: int | None = None
+        self.device_keys: set[str] = set()
+        self.link: _TrackerLink | None = None
+        self._client: ClientService | None = None
+        self._loop: LoopingCall | None = None
+        switchboard.on_server_waiting = self._server_waiting
+
+    # -- service --------------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.bound.addCallback(self._start)
+
+    def _start(self, port: IListeningPort) -> IListeningPort:
+        self.port = port.getHost().port
+        if not self.running:
+            return port
+        host, tport = self.tracker
+        endpoint = HostnameEndpoint(self.reactor, host, tport, timeout=10)
+        self._client = ClientService(
+            endpoint,
+            _LinkFactory(self),
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=5.0),
+            clock=self.reactor,
+            prepareConnection=self._connected,
+        )
+        self._client.startService()
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = self.reactor
+        self._loop.start(self.period, now=False)
+        return port
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._client is not None:
+            return self._client.stopService()
+        return None
+
+    # -- connection -------------------------------------------------------------
+
+    def _connected(self, link: _TrackerLink) -> defer.Deferred[Any]:
+        return link.ready.addCallback(self._ready)
+
+    def _ready(self, link: _TrackerLink) -> _TrackerLink:
+        self.link = link
+        peer = link.transport.getPeer()
+        log.info("connected to tracker {host}:{port}", host=peer.host, port=peer.port)
+        table = self.switchboard.table
+        new_keys = table.rekey_all()
+        self._update_info(link)
+        for matchkey in new_keys:
+            self._put(link, matchkey)
+        return link
+
+    def _lost(self, link: _TrackerLink) -> None:
+        if self.link is link:
+            self.link = None
+            log.info("lost the tracker connection; reconnecting")
+
+    # -- registration -----------------------------------------------------------
+
+    def _server_waiting(self, device_key: str, matchkey: str) -> None:
+        link = self.link
+        new_device = device_key not in self.device_keys
+        self.device_keys.add(device_key)
+        if link is None:
+            return  # registered with everything else once connected
+        if new_device:
+            self._update_info(link)
+        self._put(link, matchkey)
+
+    def info(self) -> dict[str, Any]:
+        """The UPDATE_INFO value: ``server:proxy[k1,k2]`` at our address and port."""
+        keys = ",".join(sorted(self.device_keys))
+        return {"key": f"server:proxy[{keys}]", "addr": [self.custom_addr, self.port]}
+
+    def _update_info(self, link: _TrackerLink) -> None:
+        link.update_info(self.info()).addErrback(self._call_failed, "UPDATE_INFO")
+
+    def _put(self, link: _TrackerLink, matchkey: str) -> None:
+        assert self.port is not None
+        key = split_matchkey(matchkey)
+        d = link.put(key, self.port, matchkey, self.custom_addr)
+        d.addCallback(lambda _: log.info("put {matchkey} at the tracker", matchkey=matchkey))
+        d.addErrback(self._call_failed, "PUT")
+
+    def _call_failed(self, failure: Failure, what: str) -> None:
+        # A lost connection is handled by the reconnect; anything else is logged.
+        log.info("tracker {what} failed: {error}", what=what, error=failure.getErrorMessage())
+
+    # -- periodic check -----------------------------------------------------------
+
+    def _check(self) -> defer.Deferred[None] | None:
+        link = self.link
+        if link is None or not self.switchboard.table.waiting("server"):
+            return None
+        d = link.pending_matchkeys()
+        d.addCallback(self._regenerate, link)
+        d.addErrback(self._call_failed, "GET_PENDING_MATCHKEYS")
+        return d
+
+    def _regenerate(self, pending: list[str], link: _TrackerLink) -> None:
+        table = self.switchboard.table
+        stale = table.stale_server_keys(pending, self.reactor.seconds(), self.grace)
+        if stale:
+            log.info("keys handed out but unused, regenerating: {keys}", keys=stale)
+        for old in stale:
+            if link is self.link:
+                self._put(link, table.rekey(old))
