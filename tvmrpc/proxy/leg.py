@@ -53,7 +53,7 @@ class LegMixin:
     def _leg_init(self, switchboard: Switchboard, handshake_timeout: float) -> None:
         self.switchboard = switchboard
         self.handshake_timeout = handshake_timeout
-        self.peer: LegMixin | None = None
+        self.partner: LegMixin | None = None
         self._decoder: HandshakeDecoder | None = HandshakeDecoder()
         self._early = bytearray()
         self._timer: IDelayedCall | None = None
@@ -68,7 +68,7 @@ class LegMixin:
 
     def _leg_data(self, data: bytes) -> None:
         """Bytes from the remote end, whatever the phase."""
-        peer = self.peer
+        peer = self.partner
         if peer is not None:
             peer._write(data)
             return
@@ -105,9 +105,9 @@ class LegMixin:
         self._closed = True
         self._cancel_timer()
         self.switchboard.leave(self)
-        peer, self.peer = self.peer, None
+        peer, self.partner = self.partner, None
         if peer is not None:
-            peer.peer = None
+            peer.partner = None
             peer._peer_gone()
 
     # -- ILeg -----------------------------------------------------------------
@@ -116,15 +116,18 @@ class LegMixin:
         """Answer success with the peer's full key; forwarding starts in :meth:`start`."""
         assert isinstance(peer, LegMixin)
         assert peer.key is not None
-        self.peer = peer
+        self.partner = peer
         self._write(encode_reply(RPC_CODE_SUCCESS, peer.key))
 
     def start(self) -> None:
         """Both sides have their answer: hand over early bytes and link the flow control."""
-        peer = self.peer
+        peer = self.partner
         if peer is None:
             return
-        self._producer().registerProducer(peer._producer(), True)
+        consumer = self._producer()
+        if getattr(consumer, "producer", None) is not None:
+            consumer.unregisterProducer()  # e.g. the HTTP channel a WebSocket came through
+        consumer.registerProducer(peer._producer(), True)
         if self._early:
             early, self._early = bytes(self._early), bytearray()
             peer._write(early)

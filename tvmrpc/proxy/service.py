@@ -80,14 +80,16 @@ def makeService(options: Options) -> service.IService:
     if options["web-port"] is not None or options["web-listen"]:
         from .websocket import web_factory
 
+        site = web_factory(switchboard, options)
         web = ListeningService(
             reactor,
-            web_factory(switchboard, options),
+            site,
             "tvm-proxy web",
             listen=options["web-listen"],
             host=options["host"],
             port=options["web-port"] or 0,
         )
+        web.bound.addCallback(lambda port: site.set_port(port.getHost().port))
         web.setServiceParent(top)
     if tracker:
         from .registrar import Registrar
