@@ -1,0 +1,250 @@
+"""The demo's script: start the daemons, show the tracker, run a model on each key.
+
+Invariants:
+- Daemons are started in dependency order (tracker, proxy, servers) and
+  stopped in reverse, unless ``--keep``; a failed step stops them too.
+- A server counts as up only once the tracker lists its key as free.
+- The exit status is 0 only if every session's output matched numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from . import daemons, tracker_state
+from .daemons import Daemon, DaemonError
+from .steps import StepError, Steps, bounded
+
+
+@attrs.define
+class Row:
+    """One line of the closing summary."""
+
+    key: str
+    path: str
+    seconds: float | None = None
+    ok: bool | None = None
+
+
+@attrs.define
+class Demo:
+    """State of one demo run: its options, its daemons and what they did."""
+
+    args: argparse.Namespace
+    out: IO[str]
+    log_dir: Path
+    steps: Steps
+    started: list[Daemon] = attrs.Factory(list)
+    tracker: tuple[str, int] | None = None
+    proxy: tuple[str, int] | None = None
+    rows: list[Row] = attrs.Factory(list)
+
+    # -- helpers ----------------------------------------------------------------
+
+    def launch(self, name: str, argv: list[str]) -> Daemon:
+        daemon = Daemon(name, argv, self.log_dir / f"{name}.log")
+        self.started.append(daemon)
+        return daemon
+
+    def check_alive(self) -> None:
+        for daemon in self.started:
+            if not daemon.alive():
+                raise DaemonError(
+                    f"{daemon.name} exited with status {daemon.proc.returncode}; "
+                    f"last lines of {daemon.log_path}:\n{daemon.tail()}"
+                )
+
+    def wait_free(self, key: str) -> dict[str, Any]:
+        assert self.tracker is not None
+        return tracker_state.wait_until(
+            self.tracker,
+            lambda state: tracker_state.queue(state, key)[0] >= 1,
+            self.args.step_timeout,
+            f"key {key!r} free at the tracker",
+            check=self.check_alive,
+        )
+
+    def path_of(self, key: str, state: dict[str, Any]) -> str:
+        """How a session for ``key`` travels, read from the tracker's server list."""
+        for info in state.get("server_info", []):
+            name, addr = info.get("key", ""), ":".join(map(str, info.get("addr", [])))
+            if name == f"server:{key}":
+                return f"tracker -> server {addr}"
+            if name.startswith("server:proxy[") and key in name[13:-1].split(","):
+                return f"tracker -> proxy {addr} -> server"
+        return "tracker -> ? (not in the server list)"
+
+    # -- the steps ----------------------------------------------------------------
+
+    def start_tracker(self) -> None:
+        with self.steps.step("start the tracker (twistd tvm-tracker)"):
+            tracker = self.launch("tracker", daemons.tracker_argv(self.args.host,
+                                                                   self.args.tracker_port))
+            self.tracker = tracker.wait_listening(self.args.step_timeout)
+            self.steps.note(f"listening on {self.tracker[0]}:{self.tracker[1]} "
+                            f"(pid {tracker.pid}, log {tracker.log_path.name})")
+
+    def start_proxy(self) -> None:
+        assert self.tracker is not None
+        with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
+            proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
+            self.proxy = proxy.wait_listening(self.args.step_timeout)
+            self.steps.note(f"listening on {self.proxy[0]}:{self.proxy[1]} "
+                            f"(pid {proxy.pid}, log {proxy.log_path.name})")
+
+    def start_servers(self) -> None:
+        assert self.tracker is not None
+        assert self.proxy is not None
+        key = self.args.direct_key
+        with self.steps.step(f"start a server with key {key!r}, registered with the tracker"):
+            server = self.launch("server-direct",
+                                 daemons.server_argv(self.args.host, key, self.tracker))
+            state = self.wait_free(key)
+            self.rows.append(Row(key, self.path_of(key, state)))
+            self.steps.note(f"registered: {self.rows[-1].path} "
+                            f"(pid {server.pid}, log {server.log_path.name})")
+        key = self.args.proxied_key
+        with self.steps.step(f"start a server with key {key!r}, through the proxy"):
+            server = self.launch("server-proxied", daemons.proxied_server_argv(self.proxy, key))
+            state = self.wait_free(key)
+            self.rows.append(Row(key, self.path_of(key, state)))
+            self.steps.note(f"registered: {self.rows[-1].path} "
+                            f"(pid {server.pid}, log {server.log_path.name})")
+
+    def show_query(self) -> None:
+        assert self.tracker is not None
+        host, port = self.tracker
+        with self.steps.step(f"tvmrpc query --host {host} --port {port}"):
+            done = subprocess.run(
+                [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
+                capture_output=True, text=True, env=daemons.child_env(),
+                timeout=self.args.step_timeout,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"exit status {done.returncode}: {done.stderr.strip()}")
+            self.steps.note(done.stdout.rstrip())
+            # Stock's table counts a key's servers by their "server:<key>" line, so keys
+            # served through a proxy ("server:proxy[...]") show only when pending; say all.
+            state = tracker_state.summary(self.tracker, self.args.step_timeout)
+            queue = ", ".join(
+                f"{key} free {free} pending {pending}"
+                for key in sorted(state["queue_info"])
+                for free, pending in [tracker_state.queue(state, key)]
+            )
+            self.steps.note(f"every key in the tracker's queue: {queue}")
+
+    def compile_model(self) -> Path:
+        from ..mlp import build_mlp
+
+        with self.steps.step("compile the MLP with TVM relax on this host"):
+            library = bounded(lambda: build_mlp(self.log_dir / "model"),
+                              self.args.step_timeout, "compiling the MLP")
+            self.steps.note(f"{library} ({library.stat().st_size} bytes)")
+        return library
+
+    def run_sessions(self, library: Path) -> None:
+        from .session import request_and_run
+
+        assert self.tracker is not None
+        tracker = self.tracker
+        for row in self.rows:
+            title = (f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
+                     "upload, run, check")
+            with self.steps.step(title):
+                self.check_alive()
+                outcome = bounded(
+                    lambda key=row.key: request_and_run(tracker, key, library,
+                                                        self.args.step_timeout),
+                    self.args.step_timeout, f"the session for {row.key!r}",
+                )
+                row.seconds, row.ok = outcome.total_seconds, outcome.ok
+                self.steps.note(
+                    f"via {row.path}: session opened in {outcome.request_seconds * 1000:.0f} ms, "
+                    f"result in {outcome.total_seconds * 1000:.0f} ms, "
+                    f"max |remote - numpy| = {outcome.max_error:.2e}"
+                )
+                if not outcome.ok:
+                    raise RuntimeError("the remote output does not match numpy")
+
+    def summary(self) -> None:
+        self.steps.say("")
+        self.steps.say("Summary")
+        width = max([len(r.key) for r in self.rows] + [3])
+        path_width = max([len(r.path) for r in self.rows] + [4])
+        self.steps.say(f"  {'key':<{width}}  {'path':<{path_width}}  session  result")
+        for row in self.rows:
+            seconds = f"{row.seconds * 1000:5.0f} ms" if row.seconds is not None else "    -   "
+            result = {True: "OK", False: "WRONG", None: "not run"}[row.ok]
+            self.steps.say(f"  {row.key:<{width}}  {row.path:<{path_width}}  {seconds}  {result}")
+
+    def shutdown(self) -> None:
+        if not self.started:
+            return
+        self.steps.say("")
+        self.steps.say("Stopping the daemons")
+        for daemon in reversed(self.started):
+            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.stop()}")
+
+    def keep(self) -> None:
+        assert self.tracker is not None
+        host, port = self.tracker
+        self.steps.say("")
+        self.steps.say(f"--keep: the daemons are still running (logs in {self.log_dir})")
+        for daemon in self.started:
+            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid}")
+        self.steps.say("Talk to them:")
+        self.steps.say(f"  tvmrpc query --host {host} --port {port}")
+        self.steps.say(
+            f"  python -c \"from tvm import rpc; s = rpc.connect_tracker('{host}', {port})"
+            f".request('{self.args.direct_key}'); print(s.get_function('testing.echo')('hi'))\""
+        )
+        groups = " ".join(f"-{d.pid}" for d in self.started)
+        self.steps.say("Stop them (each leads a process group, so its workers stop too):")
+        self.steps.say(f"  kill -TERM -- {groups}")
+
+    def run(self) -> None:
+        self.start_tracker()
+        self.start_proxy()
+        self.start_servers()
+        self.show_query()
+        library = self.compile_model()
+        self.run_sessions(library)
+
+
+def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
+    """Run the demo; 0 when every session matched numpy, else 1 naming the failed step."""
+    out = out or sys.stdout
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="tvmrpc-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out, args.step_timeout)
+    demo = Demo(args, out, log_dir, steps)
+    steps.say(f"tvmrpc demo: daemon logs go to {log_dir}")
+    failed: StepError | None = None
+    try:
+        demo.run()
+    except StepError as exc:
+        failed = exc
+    except KeyboardInterrupt:
+        failed = StepError("interrupted", "Ctrl-C")
+    finally:
+        if demo.rows:
+            demo.summary()
+        if args.keep and failed is None:
+            demo.keep()
+        else:
+            demo.shutdown()
+    if failed is not None:
+        steps.say("")
+        steps.say(f"tvmrpc demo: FAILED at step '{failed.step}': {failed.reason.splitlines()[0]}")
+        steps.say(f"tvmrpc demo: logs in {log_dir}")
+        return 130 if failed.step == "interrupted" else 1
+    steps.say("")
+    steps.say("tvmrpc demo: OK, every session's result matched numpy")
+    return 0
