@@ -1,0 +1,183 @@
+"""The board: one device, one session at a time, clients served in arrival order.
+
+A :class:`Ticket` is a client whose handshake was accepted but not yet
+answered (listening mode) or a proxy pairing (proxy mode). The board starts
+the first ticket as soon as it is idle and a worker is warm: the ticket
+detaches its socket from Twisted, the runtime adapter hands it to a worker,
+and the board keeps a duplicate only to write the timeout exception.
+
+Invariants:
+- At most one session runs; ``busy`` is true while one runs or tickets wait.
+- Every session gets a fresh directory, removed when the session is over.
+- A session past its ``-timeout`` is aborted: its worker tree is killed and
+  the client receives the stock ``RPCSessionTimeoutError`` exception packet.
+- ``idle_observers`` are called whenever the board becomes free with nothing
+  waiting (the tracker registrar re-registers then).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..codec import exception_packet, session_timeout_message
+from .adapter import IDeviceRuntime
+
+log = Logger(namespace="tvmrpc.server")
+
+
+class Ticket(Protocol):
+    """A client waiting for the board."""
+
+    label: str
+    timeout: float | None
+
+    def accept(self) -> socket.socket | None:
+        """Answer the client and return a blocking duplicate of its socket (None: gone)."""
+
+    def reject(self) -> None:
+        """Drop the client without a session (server stopping)."""
+
+
+class Board:
+    """Runs sessions one after another on a :class:`IDeviceRuntime`."""
+
+    def __init__(self, reactor: Any, runtime: IDeviceRuntime, workdir: str | None = None) -> None:
+        self.reactor = reactor
+        self.runtime = runtime
+        self.workdir = workdir
+        self.queue: collections.deque[Ticket] = collections.deque()
+        self.current: defer.Deferred[int] | None = None
+        self.idle_observers: list[Callable[[], None]] = []
+        self.sessions_served = 0
+        self._waiting_for_worker = False
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None or bool(self.queue)
+
+    def offer(self, ticket: Ticket) -> None:
+        """Queue a client; it is served when every earlier one is done."""
+        if self._closed:
+            ticket.reject()
+            return
+        self.queue.append(ticket)
+        self._pump()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Forget a waiting client that went away."""
+        try:
+            self.queue.remove(ticket)
+        except ValueError:
+            return
+        if not self.busy:
+            self._idle()
+
+    def _pump(self) -> None:
+        while self.current is None and self.queue and not self._closed:
+            if not self.runtime.is_ready:
+                if not self._waiting_for_worker:
+                    self._waiting_for_worker = True
+                    self.runtime.ready().addCallback(self._worker_ready)
+                return
+            ticket = self.queue.popleft()
+            sock = ticket.accept()
+            if sock is None:
+                continue
+            self._start(ticket, sock)
+        if not self.busy:
+            self._idle()
+
+    def _worker_ready(self, _: object) -> None:
+        self._waiting_for_worker = False
+        self._pump()
+
+    def _start(self, ticket: Ticket, sock: socket.socket) -> None:
+        session_dir = tempfile.mkdtemp(prefix="tvm-session-", dir=self.workdir)
+        started = time.monotonic()
+        log.info(
+            "session started for {peer} in {dir} (timeout {timeout})",
+            peer=ticket.label,
+            dir=session_dir,
+            timeout=ticket.timeout,
+        )
+        d = self.runtime.serve(sock, session_dir)
+        self.current = d
+        timer = None
+        if ticket.timeout:
+            timer = self.reactor.callLater(ticket.timeout, self._expire, d, sock, ticket.timeout)
+
+        def ended(result: Any) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            sock.close()
+            shutil.rmtree(session_dir, ignore_errors=True)
+            self.current = None
+            self.sessions_served += 1
+            if isinstance(result, int):
+                log.info(
+                    "session ended for {peer} (worker exit {code}, {secs:.3f}s)",
+                    peer=ticket.label,
+                    code=result,
+                    secs=time.monotonic() - started,
+                )
+            else:
+                log.failure("session ended for {peer} with an error", result, peer=ticket.label)
+            self._pump()
+
+        d.addBoth(ended)
+
+    def _expire(self, d: defer.Deferred[int], sock: socket.socket, timeout: float) -> None:
+        """Kill the worker first (it can no longer write), then tell the client why."""
+        if d is not self.current:
+            return
+        log.info("session timeout after {timeout}s: aborting the worker", timeout=timeout)
+        self.runtime.abort(d)
+        packet = exception_packet(session_timeout_message(timeout), self.runtime.str_type_index)
+        try:
+            sock.send(packet, socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.info("could not send the timeout exception: {exc}", exc=exc)
+
+    def _idle(self) -> None:
+        for observer in list(self.idle_observers):
+            observer()
+
+    def close(self, grace: float) -> defer.Deferred[None]:
+        """Refuse new clients; let a running session finish within ``grace`` seconds."""
+        self._closed = True
+        while self.queue:
+            self.queue.popleft().reject()
+        current = self.current
+        if current is None:
+            return defer.succeed(None)
+        done: defer.Deferred[None] = defer.Deferred()
+        timer = self.reactor.callLater(grace, self._abort_current, current)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            done.callback(None)
+
+        current.addBoth(lambda result: (finished(None), result)[1])
+        return done
+
+    def _abort_current(self, current: defer.Deferred[int]) -> None:
+        if self.current is current:
+            log.info("grace period over: aborting the running session")
+            self.runtime.abort(current)
+
+
+def session_root() -> str:
+    """Default parent of session directories (``$TMPDIR`` or /tmp)."""
+    return os.environ.get("TMPDIR") or tempfile.gettempdir()

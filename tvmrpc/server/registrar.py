@@ -1,0 +1,220 @@
+"""Tracker mode (``--tracker``): keep the tracker told that this board is free.
+
+Invariants:
+- On every tracker connection: UPDATE_INFO ``{"key": "server:<key>",
+  "addr": [custom_addr or null, port]}``, then, while the board is idle, PUT
+  ``[key, [port, matchkey], custom_addr]`` under a fresh match key.
+- Only the current match key is accepted (:meth:`claim`); claiming it
+  consumes it, so nothing is registered while a session runs or waits. When
+  the board is idle again a fresh key is PUT.
+- Every ``period`` seconds GET_PENDING_MATCHKEYS; if the tracker handed our
+  key out and no client came within ``grace`` seconds, a fresh key is PUT
+  (the stale one then gets the no-match code).
+- The tracker connection is re-established by ``ClientService`` with
+  backoff; the server keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import TrackerClientFactory, TrackerClientProtocol
+from ..codec import random_matchkey
+from .board import Board
+
+log = Logger(namespace="tvmrpc.server.tracker")
+
+
+class _TrackerLink(TrackerClientProtocol):
+    """A tracker connection that tells the registrar when it is gone."""
+
+    factory: _LinkFactory
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        self.factory.registrar._lost(self)
+
+
+class _LinkFactory(TrackerClientFactory):
+    protocol = _TrackerLink
+    noisy = False
+
+    def __init__(self, registrar: Registrar) -> None:
+        self.registrar = registrar
+
+
+class Registrar(service.Service):
+    """Registers the board at a tracker and keeps its match key fresh."""
+
+    name = "tvm-server tracker registrar"
+
+    def __init__(
+        self,
+        reactor: Any,
+        board: Board,
+        key: str,
+        tracker: tuple[str, int],
+        port: defer.Deferred[int] | int,
+        custom_addr: str | None = None,
+        period: float = 2.0,
+        grace: float = 5.0,
+    ) -> None:
+        self.reactor = reactor
+        self.board = board
+        self.key = key
+        self.tracker = tracker
+        self.port_source = port
+        self.port: int | None = port if isinstance(port, int) else None
+        self.custom_addr = custom_addr
+        self.period = period
+        self.grace = grace
+        self.matchkey: str | None = None
+        self.old_keys: set[str] = set()
+        self.link: _TrackerLink | None = None
+        self._put_on: _TrackerLink | None = None
+        self._missing_since: float | None = None
+        self._checking = False
+        self._client: ClientService | None = None
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = reactor
+        board.idle_observers.append(self._register)
+
+    # -- service -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        if self.port is None:
+            self.port_source.addCallback(self._bound)  # type: ignore[union-attr]
+        else:
+            self._connect()
+
+    def _bound(self, port: int) -> int:
+        self.port = port
+        if self.running:
+            self._connect()
+        return port
+
+    def _connect(self) -> None:
+        host, port = self.tracker
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=10)
+        self._client = ClientService(
+            endpoint,
+            _LinkFactory(self),
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
+            clock=self.reactor,
+            prepareConnection=self._prepare,
+        )
+        self._client.startService()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        service.Service.stopService(self)
+        if self._loop.running:
+            self._loop.stop()
+        self.matchkey = None
+        if self._client is not None:
+            client, self._client = self._client, None
+            return client.stopService()
+        return None
+
+    # -- the tracker connection --------------------------------------------------
+
+    def _prepare(self, link: _TrackerLink) -> defer.Deferred[None]:
+        d = link.ready.addCallback(lambda _: link.update_info(self._info()))
+        d.addCallback(lambda _: self._linked(link))
+        return d
+
+    def _info(self) -> dict[str, Any]:
+        return {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
+
+    def _linked(self, link: _TrackerLink) -> None:
+        self.link = link
+        self._put_on = None
+        log.info(
+            "registered with tracker {host}:{port} as server:{key}",
+            host=self.tracker[0],
+            port=self.tracker[1],
+            key=self.key,
+        )
+        if not self._loop.running:
+            self._loop.start(self.period, now=False)
+        self._register()
+
+    def _lost(self, link: _TrackerLink) -> None:
+        if link is not self.link:
+            return
+        self.link = None
+        self._put_on = None
+        if self._loop.running:
+            self._loop.stop()
+        if self.running:
+            log.info("tracker connection lost; reconnecting")
+
+    # -- match keys ----------------------------------------------------------------
+
+    def claim(self, matchkey: str) -> bool:
+        """Accept ``matchkey`` if it is the current one; it cannot be used twice."""
+        if self.matchkey is None or matchkey != self.matchkey:
+            return False
+        self.matchkey = None
+        self._missing_since = None
+        return True
+
+    def _register(self) -> None:
+        """PUT a fresh match key when the board is idle and this link has none."""
+        link = self.link
+        if link is None or not self.running or self.board.busy:
+            return
+        if self.matchkey is not None and self._put_on is link:
+            return
+        if self.matchkey is not None:
+            self.old_keys.add(self.matchkey)
+        self.matchkey = random_matchkey(self.key, self.old_keys)
+        self._put_on = link
+        self._missing_since = None
+        d = link.put(self.key, self.port, self.matchkey, self.custom_addr)
+        d.addErrback(self._call_failed, link, "PUT")
+
+    def _check(self) -> defer.Deferred[None] | None:
+        link = self.link
+        if link is None or self._checking or self.matchkey is None or self.board.busy:
+            self._missing_since = None
+            return None
+        self._checking = True
+        d = link.pending_matchkeys()
+
+        def checked(pending: list[str]) -> None:
+            if self.matchkey is None or self.board.busy or link is not self.link:
+                return
+            if self.matchkey in pending:
+                self._missing_since = None
+                return
+            now = self.reactor.seconds()
+            if self._missing_since is None:
+                self._missing_since = now
+            elif now - self._missing_since >= self.grace - self.period / 2:
+                log.info("match key handed out but no client came; registering a fresh one")
+                self._put_on = None
+                self._register()
+
+        def done(result: Any) -> Any:
+            self._checking = False
+            return result
+
+        d.addCallback(checked)
+        d.addBoth(done)
+        d.addErrback(self._call_failed, link, "GET_PENDING_MATCHKEYS")
+        return None
+
+    def _call_failed(self, failure: Failure, link: _TrackerLink, what: str) -> None:
+        if link is self.link:
+            log.warn("tracker {what} failed: {err}", what=what, err=failure.getErrorMessage())
+            link.close()
