@@ -61,19 +61,25 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def tracker_argv(host: str, port: int) -> list[str]:
+def tracker_argv(host: str, port: int = 0) -> list[str]:
     """Our tracker; port 0 lets the kernel pick."""
     return twistd_argv("tvm-tracker", "--listen", f"tcp:{port}:interface={host}")
 
 
-def proxy_argv(host: str, tracker: tuple[str, int]) -> list[str]:
-    """Our proxy, registering the servers that wait at it with ``tracker``."""
+def proxy_argv(
+    host: str, tracker: tuple[str, int], custom_addr: str | None = None, port: int = 0
+) -> list[str]:
+    """Our proxy, registering the servers that wait at it with ``tracker``.
+
+    ``custom_addr`` is the address the tracker hands clients (default ``host``):
+    it must be one the clients can reach.
+    """
     return twistd_argv(
         "tvm-proxy",
-        "--listen", f"tcp:0:interface={host}",
+        "--listen", f"tcp:{port}:interface={host}",
         "--host", host,
         "--tracker", f"{tracker[0]}:{tracker[1]}",
-        "--custom-addr", host,
+        "--custom-addr", custom_addr or host,
     )
 
 
