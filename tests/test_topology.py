@@ -135,8 +135,7 @@ def topo() -> Iterator[Topology]:
 
 @pytest.fixture(scope="module")
 def lab(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    stand_in = getattr(daemons, "STOCK_SERVER_STAND_IN", False)
-    if not stand_in and importlib.util.find_spec("tvmrpc.server.service") is None:
+    if importlib.util.find_spec("tvmrpc.server.service") is None:
         pytest.skip("our server (tvmrpc.server.service, twistd tvm-server) has not landed yet")
     base = tmp_path_factory.mktemp("topology")
     library = build_mlp(base / "model")

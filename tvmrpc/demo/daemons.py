@@ -83,19 +83,8 @@ def proxy_argv(
     )
 
 
-# DEV STAND-IN until tvmrpc.server lands: stock servers play the server role.
-STOCK_SERVER_STAND_IN = True
-
-
-def _stock_server(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tvm.exec.rpc_server", *args]
-
-
 def server_argv(host: str, key: str, tracker: tuple[str, int]) -> list[str]:
     """Our server, listening on ``host`` and registered with ``tracker`` directly."""
-    if STOCK_SERVER_STAND_IN:
-        return _stock_server("--host", host, "--port", "9000", "--port-end", "9999",
-                             "--key", key, "--tracker", f"{tracker[0]}:{tracker[1]}")
     return twistd_argv(
         "tvm-server",
         "--listen", f"tcp:0:interface={host}",
@@ -107,9 +96,6 @@ def server_argv(host: str, key: str, tracker: tuple[str, int]) -> list[str]:
 
 def proxied_server_argv(proxy: tuple[str, int], key: str) -> list[str]:
     """Our server, connecting out to the proxy (``--through-proxy``)."""
-    if STOCK_SERVER_STAND_IN:
-        return _stock_server("--through-proxy", "--host", proxy[0], "--port", str(proxy[1]),
-                             "--key", key)
     return twistd_argv(
         "tvm-server",
         "--through-proxy",
