@@ -244,6 +244,7 @@ class ZygoteRuntime:
             entry = self._sessions.get(message["id"])
             if entry is not None:
                 entry.pid = message["pid"]
+                log.info("worker {pid} serving session {id}", pid=entry.pid, id=entry.id)
                 if entry.aborted:
                     _kill_group(entry.pid)
         elif event == "exited":

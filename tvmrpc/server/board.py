@@ -72,6 +72,10 @@ class Board:
             ticket.reject()
             return
         self.queue.append(ticket)
+        if self.current is not None:
+            log.info(
+                "client {peer} waits its turn ({n} waiting)", peer=ticket.label, n=len(self.queue)
+            )
         self._pump()
 
     def withdraw(self, ticket: Ticket) -> None:

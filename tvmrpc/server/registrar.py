@@ -127,10 +127,14 @@ class Registrar(service.Service):
 
     # -- the tracker connection --------------------------------------------------
 
-    def _prepare(self, link: _TrackerLink) -> defer.Deferred[None]:
-        d = link.ready.addCallback(lambda _: link.update_info(self._info()))
-        d.addCallback(lambda _: self._linked(link))
-        return d
+    def _prepare(self, wrapped: Any) -> defer.Deferred[None]:
+        """Tell the tracker who we are; ``wrapped`` is ClientService's proxy of the link."""
+
+        def ready(link: _TrackerLink) -> defer.Deferred[None]:
+            d = link.update_info(self._info())
+            return d.addCallback(lambda _: self._linked(link))
+
+        return wrapped.ready.addCallback(ready)
 
     def _info(self) -> dict[str, Any]:
         return {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}

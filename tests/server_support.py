@@ -1,0 +1,119 @@
+"""Helpers for the server tests: start ``twistd tvm-server``, an init module, raw handshakes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.support import Daemon, subprocess_env
+from tvmrpc.codec import RPC_MAGIC
+
+BLOCKED = ("numpy", "cloudpickle", "tornado")
+
+#: An ``--init`` module: functions a test calls to make a session slow or crash.
+INIT_MODULE = '''
+import os, time
+import tvm_ffi
+
+@tvm_ffi.register_global_func("tvmrpc_test.sleep", override=True)
+def _sleep(seconds):
+    time.sleep(seconds)
+    return 0
+
+@tvm_ffi.register_global_func("tvmrpc_test.crash", override=True)
+def _crash():
+    os._exit(3)
+
+@tvm_ffi.register_global_func("tvmrpc_test.pid", override=True)
+def _pid():
+    return os.getpid()
+'''
+
+
+@pytest.fixture(scope="session")
+def mlp_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference relax MLP, compiled once per test run."""
+    from tvmrpc.mlp import build_mlp
+
+    return build_mlp(tmp_path_factory.mktemp("mlp"))
+
+
+def blocker_dir(path: Path) -> Path:
+    """A directory that, first on PYTHONPATH, makes numpy, cloudpickle and tornado unimportable."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in BLOCKED:
+        (path / f"{name}.py").write_text(f"raise ImportError('{name} is blocked for this test')\n")
+    return path
+
+
+def init_module_dir(path: Path, name: str = "tvmrpc_test_init") -> tuple[Path, str]:
+    """Write :data:`INIT_MODULE` as ``name`` under ``path``; return (dir, module name)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{name}.py").write_text(INIT_MODULE)
+    return path, name
+
+
+def server_env(*first_on_path: Path) -> dict[str, str]:
+    """Child environment with ``first_on_path`` ahead of everything on PYTHONPATH."""
+    env = subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, first_on_path), env["PYTHONPATH"]])
+    return env
+
+
+def start_server(
+    log_dir: Path,
+    key: str,
+    *extra: str,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+    listen: bool = True,
+) -> Daemon:
+    """Our server on a kernel-chosen loopback port; returns once its worker is warm."""
+    args = ["--key", key, *extra]
+    if listen:
+        args = ["--listen", "tcp:0:interface=127.0.0.1", *args]
+    daemon = Daemon(
+        "tvm-server", args, log_dir / f"{name or 'server-' + key}.log", env=env or subprocess_env()
+    )
+    if listen:
+        daemon.wait_listening()
+    daemon.wait_for(r"worker zygote \d+ warm")
+    return daemon
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def raw_connect(port: int, timeout: float = 30) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def handshake_bytes(key: str | bytes, magic: int = RPC_MAGIC, length: int | None = None) -> bytes:
+    data = key.encode() if isinstance(key, str) else key
+    return struct.pack("<ii", magic, len(data) if length is None else length) + data
+
+
+def answer(sock: socket.socket) -> bytes:
+    """What the peer sent before closing (``b""`` on EOF or reset)."""
+    try:
+        return sock.recv(64)
+    except ConnectionResetError:
+        return b""
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True when the peer closed (EOF or reset) without sending anything."""
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
