@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -13,7 +14,9 @@ from .leg import LegMixin
 from .switchboard import Switchboard
 
 #: Read size and write-buffer high-water mark while forwarding (Twisted's default is 64 KiB).
-FORWARD_BUFFER = 1 << 18
+FORWARD_BUFFER = 1 << 20
+#: Largest single send while forwarding (Twisted's default, 128 KiB, forces buffer joins).
+SEND_LIMIT = 1 << 22
 
 
 class ProxyProtocol(LegMixin, Protocol):
@@ -21,6 +24,7 @@ class ProxyProtocol(LegMixin, Protocol):
 
     def __init__(self, switchboard: Switchboard, handshake_timeout: float) -> None:
         self._leg_init(switchboard, handshake_timeout)
+        self._direct = False
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -38,7 +42,19 @@ class ProxyProtocol(LegMixin, Protocol):
     # -- LegMixin hooks ---------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        self.transport.write(data)
+        transport = self.transport
+        if self._direct and not transport.dataBuffer and not transport._tempDataBuffer:
+            # Nothing queued: send now rather than after another reactor turn.
+            try:
+                sent = transport.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the transport notices the error itself on its next write
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def _close(self) -> None:
         self.transport.loseConnection()
@@ -53,8 +69,13 @@ class ProxyProtocol(LegMixin, Protocol):
         sockopts.set_keepalive(self.transport)
 
     def _on_forwarding(self) -> None:
-        if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = FORWARD_BUFFER
+        transport = self.transport
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = FORWARD_BUFFER
+            transport.SEND_LIMIT = SEND_LIMIT
+        self._direct = isinstance(getattr(transport, "socket", None), socket.socket) and hasattr(
+            transport, "_tempDataBuffer"
+        )
 
 
 class ProxyFactory(Factory):

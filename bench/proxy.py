@@ -1,0 +1,239 @@
+"""Proxy benchmark: the stock proxy and ours side by side, with a direct baseline.
+
+- raw forwarding: a fake server and client (plain sockets speaking the
+  handshake) paired by key push N MiB each way; direct = one loopback socket;
+- a stock client's 64 MiB upload/download to a stock server through ours,
+  through stock, and direct;
+- session setup (connect, one call, close) through each proxy;
+- RSS growth of the proxy while a reader that stopped reading is sent N MiB.
+
+Both proxies run as subprocesses in the same run; figures are MB/s (10^6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from bench.report import Table
+from tests.proxy_support import raw_pair, start_proxied_server, start_proxy
+from tests.support import Process, free_port, running, start_stock_server
+
+MiB = 1 << 20
+CHUNK = 4 * MiB
+
+
+def start_stock_proxy(log_dir: Path) -> Process:
+    """``python -m tvm.exec.rpc_proxy`` on free ports (its web port cannot be switched off)."""
+    port, web = free_port(), free_port()
+    proc = Process(
+        [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1), "--web-port", str(web)],
+        log_dir / "stock-proxy.log",
+    )
+    proc.wait_for(rf"client port bind to 127\.0\.0\.1:{port}")
+    proc.port = port  # type: ignore[attr-defined]
+    proc.mark_wait = None  # type: ignore[attr-defined]
+    return proc
+
+
+# -- raw forwarding ------------------------------------------------------------
+
+
+def transfer(sender: socket.socket, receiver: socket.socket, total: int) -> float:
+    """Seconds to move ``total`` bytes from ``sender`` to ``receiver`` (all read)."""
+    block = memoryview(bytes(CHUNK))
+    buf = bytearray(CHUNK)
+
+    def send() -> None:
+        left = total
+        while left:
+            n = min(left, CHUNK)
+            sender.sendall(block[:n])
+            left -= n
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=send)
+    thread.start()
+    got = 0
+    while got < total:
+        n = receiver.recv_into(buf)
+        if not n:
+            raise RuntimeError(f"stream ended after {got} of {total} bytes")
+        got += n
+    elapsed = time.perf_counter() - start
+    thread.join()
+    return elapsed
+
+
+def direct_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def raw_forwarding(pair: Callable[[], tuple[socket.socket, socket.socket]], total: int,
+                   repeat: int) -> tuple[float, float]:
+    """Best MB/s (server->client, client->server) over ``repeat`` fresh pairs."""
+    down, up = [], []
+    for _ in range(repeat):
+        server, client = pair()
+        with server, client:
+            down.append(total / transfer(server, client, total) / 1e6)
+            up.append(total / transfer(client, server, total) / 1e6)
+    return max(down), max(up)
+
+
+# -- stock client through a proxy ------------------------------------------------
+
+
+def stock_transfer(host: str, port: int, key: str, size: int, repeat: int) -> tuple[float, float]:
+    """Best MB/s of a stock client's upload and download of ``size`` bytes."""
+    import numpy as np
+    import tvm
+    from tvm import rpc
+
+    data = np.random.default_rng(0).integers(0, 256, size=size, dtype=np.uint8)
+    session = rpc.connect(host, port, key=key, session_timeout=120)
+    dev = session.cpu()
+    ups, downs = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        remote = tvm.runtime.tensor(data, dev)
+        ups.append(size / (time.perf_counter() - start) / 1e6)
+        start = time.perf_counter()
+        back = remote.numpy()
+        downs.append(size / (time.perf_counter() - start) / 1e6)
+        assert back[-1] == data[-1]
+        del remote, back
+    del dev, session
+    return max(ups), max(downs)
+
+
+def session_setup(port: int, key: str, n: int) -> float:
+    """p50 ms of connect + one call + close through a proxy (the server comes back each time)."""
+    from tvm import rpc
+
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        session = rpc.connect("127.0.0.1", port, key=key, session_timeout=60)
+        session.get_function("testing.echo")(1)
+        del session
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+# -- memory to a stalled reader -----------------------------------------------------
+
+
+def stalled_growth(pid: int, port: int, total: int) -> float:
+    """MiB the proxy's RSS grows while ``total`` bytes go to a reader that does not read."""
+    server, client = raw_pair(port, "stall")
+    with server, client:
+        base = psutil.Process(pid).memory_info().rss
+        peak = base
+        client.setblocking(False)
+        block = memoryview(bytes(CHUNK))
+        sent = 0
+        while sent < total:
+            _, writable, _ = select.select([], [client], [], 3.0)
+            if not writable:
+                break  # held back
+            sent += client.send(block[: min(CHUNK, total - sent)])
+            peak = max(peak, psutil.Process(pid).memory_info().rss)
+        peak = max(peak, psutil.Process(pid).memory_info().rss)
+        client.setblocking(True)
+        buf = bytearray(CHUNK)
+        left = sent
+
+        def drain() -> None:
+            nonlocal left
+            while left > 0:
+                n = server.recv_into(buf)
+                if not n:
+                    break
+                left -= n
+
+        drain()
+    return (peak - base) / MiB
+
+
+def main(flags: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench proxy")
+    parser.add_argument("--quick", action="store_true", help="smaller transfers, fewer samples")
+    args, _ = parser.parse_known_args(flags)
+    raw_total = (128 if args.quick else 512) * MiB
+    repeat = 1 if args.quick else 3
+    stall_total = (256 if args.quick else 1024) * MiB
+    sessions = 10 if args.quick else 30
+
+    table = Table("proxy (loopback)")
+    vs_direct: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp)
+        with running(start_stock_proxy(logs)) as stock, running(start_proxy(logs)) as ours:
+            ports = {"stock": stock.port, "ours": ours.port}
+            mb = raw_total // MiB
+            print(f"raw forwarding, {mb} MiB each way ...", flush=True)
+            direct = raw_forwarding(direct_pair, raw_total, repeat)
+            fwd = {name: raw_forwarding(lambda p=p: raw_pair(p, "raw"), raw_total, repeat)
+                   for name, p in ports.items()}
+            for i, way in enumerate(("server->client", "client->server")):
+                table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i],
+                          "higher")
+                vs_direct.append(f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
+                                 f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
+                                 f"{fwd['stock'][i] / direct[i]:.0%}")
+            print(table.render(), flush=True)
+
+            size = 64 * MiB
+            with running(start_proxied_server(logs, ours, "bench")), running(
+                start_stock_server(logs, "bench")
+            ) as direct_server:
+                stock_server = Process(
+                    [sys.executable, "-m", "tvm.exec.rpc_server", "--through-proxy", "--host",
+                     "127.0.0.1", "--port", str(stock.port), "--key", "bench"],
+                    logs / "server-at-stock.log",
+                )
+                with running(stock_server):
+                    stock_server.wait_for(r"RPCProxy|Connection established|connected|INFO",
+                                          timeout=60)
+                    print("stock client 64 MiB upload/download ...", flush=True)
+                    via = {name: stock_transfer("127.0.0.1", p, "bench", size, repeat)
+                           for name, p in ports.items()}
+                    d = stock_transfer("127.0.0.1", direct_server.port, "bench", size, repeat)
+                    for i, way in enumerate(("upload", "download")):
+                        table.add(f"stock client 64 MiB {way} (MB/s)", via["stock"][i],
+                                  via["ours"][i], "higher")
+                        vs_direct.append(f"stock client {way}: direct {d[i]:.1f} MB/s; ours "
+                                         f"{via['ours'][i] / d[i]:.0%} of direct, stock "
+                                         f"{via['stock'][i] / d[i]:.0%}")
+                    print("session setup ...", flush=True)
+                    setup = {name: session_setup(p, "bench", sessions)
+                             for name, p in ports.items()}
+                    table.add("session setup p50 (ms)", setup["stock"], setup["ours"], "lower")
+
+            print(f"stalled reader, {stall_total // MiB} MiB ...", flush=True)
+            growth = {name: stalled_growth(proc.proc.pid, proc.port, stall_total)
+                      for name, proc in (("stock", stock), ("ours", ours))}
+            table.add(f"RSS growth, {stall_total // MiB} MiB to stalled reader (MiB)",
+                      growth["stock"], max(growth["ours"], 0.1), "lower")
+    print(table.render(), flush=True)
+    print("\n".join(vs_direct), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
