@@ -15,8 +15,8 @@ from tvmrpc.codec import RPC_MAGIC
 BLOCKED = ("numpy", "cloudpickle", "tornado")
 
 #: An ``--init`` module: functions a test calls to make a session slow or crash.
-INIT_MODULE = '''
-import os, time
+INIT_MODULE = """
+import os, sys, time
 import tvm_ffi
 
 @tvm_ffi.register_global_func("tvmrpc_test.sleep", override=True)
@@ -31,7 +31,20 @@ def _crash():
 @tvm_ffi.register_global_func("tvmrpc_test.pid", override=True)
 def _pid():
     return os.getpid()
-'''
+
+@tvm_ffi.register_global_func("tvmrpc_test.heavy_modules", override=True)
+def _heavy_modules():
+    heavy = ("numpy", "cloudpickle", "tornado", "tvm")
+    return ",".join(sorted(m for m in heavy if sys.modules.get(m) is not None))
+
+@tvm_ffi.register_global_func("tvmrpc_test.try_import", override=True)
+def _try_import(name):
+    try:
+        __import__(name)
+    except ImportError as exc:
+        return str(exc)
+    return ""
+"""
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from tvm import rpc
 from tests.proxy_support import start_proxy
 from tests.server_support import (
     blocker_dir,
+    init_module_dir,
     mlp_library,  # noqa: F401 - fixture
     server_env,
     start_server,
@@ -22,10 +23,16 @@ pytestmark = pytest.mark.stock
 
 def test_worker_without_numpy_serves_mlp_and_files(log_dir, tmp_path, mlp_library):  # noqa: F811
     """numpy, cloudpickle and tornado unimportable in daemon and worker: the MLP still runs."""
-    env = server_env(blocker_dir(tmp_path / "blocked"))
-    with running(start_server(log_dir, "board", env=env)) as server:
+    init_dir, init = init_module_dir(tmp_path / "init")
+    env = server_env(blocker_dir(tmp_path / "blocked"), init_dir)
+    with running(start_server(log_dir, "board", "--init", init, env=env)) as server:
         session = rpc.connect("127.0.0.1", server.port, key="board", session_timeout=60)
         assert run_mlp(session, mlp_library).ok
+        # The worker really cannot import them, and never loaded them (nor tvm itself).
+        try_import = session.get_function("tvmrpc_test.try_import")
+        for name in ("numpy", "cloudpickle", "tornado"):
+            assert "is blocked" in try_import(name)
+        assert session.get_function("tvmrpc_test.heavy_modules")() == ""
         session.upload(bytearray(b"x" * 1024), "blob.bin")
         assert bytes(session.download("blob.bin")) == b"x" * 1024
         assert set(session.listdir(".").split(",")) == {"blob.bin", mlp_library.name}
@@ -40,7 +47,6 @@ def test_worker_without_numpy_serves_mlp_and_files(log_dir, tmp_path, mlp_librar
             session.load_module("../" + mlp_library.name)
         del session
         server.wait_for(r"session ended .*worker exit 0")
-        assert "is blocked" not in server.output
 
 
 def test_second_standalone_client_waits_its_turn(log_dir):

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Any
 
 from twisted.application import service
@@ -41,6 +42,17 @@ class DuplicateKeyError(Exception):
     """Another server already waits at the proxy under this key."""
 
 
+def answer_bytes_missing(seen: bytes) -> int:
+    """How many more bytes the handshake answer needs after ``seen`` (0: complete)."""
+    if len(seen) < 4:
+        return 4 - len(seen)
+    if struct.unpack_from("<i", seen)[0] != RPC_CODE_SUCCESS:
+        return 0
+    if len(seen) < 8:
+        return 8 - len(seen)
+    return max(0, 8 + struct.unpack_from("<i", seen, 4)[0] - len(seen))
+
+
 class _ProxyLeg(protocol.Protocol):
     """One outbound connection to the proxy; ``answered`` fires with the outcome."""
 
@@ -54,6 +66,10 @@ class _ProxyLeg(protocol.Protocol):
         self.handed = False
 
     def connectionMade(self) -> None:
+        # Read no byte past the answer: the client's first session packet may
+        # follow it at once, and it belongs to the worker.
+        self._seen = b""
+        self.transport.bufferSize = 4
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
         peer = self.transport.getPeer()
@@ -72,6 +88,8 @@ class _ProxyLeg(protocol.Protocol):
             self._fail(ConnectionError(f"bad answer from proxy: {exc}"))
             return
         if result is None:
+            self._seen += data
+            self.transport.bufferSize = max(1, answer_bytes_missing(self._seen))
             return
         code, peer_key, rest = result
         if code == RPC_CODE_DUPLICATE:
@@ -133,7 +151,7 @@ class ProxyConnector(service.Service):
         self.initial_delay = initial_delay
         self.max_delay = max_delay
         self.delay = initial_delay
-        self.fatal: defer.Deferred[Failure] = defer.Deferred()
+        self.fatal: defer.Deferred[str] = defer.Deferred()
         self._leg: _ProxyLeg | None = None
         self._pending: Any = None
         self._retry: Any = None
@@ -188,7 +206,7 @@ class ProxyConnector(service.Service):
         if failure.check(DuplicateKeyError):
             log.error("{err}: another server uses this key; exiting", err=failure.getErrorMessage())
             if not self.fatal.called:
-                self.fatal.callback(failure)
+                self.fatal.callback(failure.getErrorMessage())
             return
         log.warn(
             "proxy {host}:{port}: {err}; retrying in {delay:.1f}s",
