@@ -32,6 +32,7 @@ def test_worker_without_numpy_serves_mlp_and_files(log_dir, tmp_path, mlp_librar
         try_import = session.get_function("tvmrpc_test.try_import")
         for name in ("numpy", "cloudpickle", "tornado"):
             assert "is blocked" in try_import(name)
+        del try_import  # a remote function keeps its session open
         assert session.get_function("tvmrpc_test.heavy_modules")() == ""
         session.upload(bytearray(b"x" * 1024), "blob.bin")
         assert bytes(session.download("blob.bin")) == b"x" * 1024
