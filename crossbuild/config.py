@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from crossbuild.errors import CrossbuildError
 
 # Off for every cross build: no LLVM on the board, no libbacktrace's autotools
-# build for the target, no microTVM (options missing from newer trees are skipped).
+# build for the target, no microTVM. Trees differ (newer ones call libbacktrace
+# TVM_FFI_USE_LIBBACKTRACE and have no USE_MICRO): options a file lacks are skipped.
 CROSS_DEFAULTS: dict[str, str] = {
     "USE_LLVM": "OFF",
     "USE_LIBBACKTRACE": "OFF",
+    "TVM_FFI_USE_LIBBACKTRACE": "OFF",
     "USE_MICRO": "OFF",
 }
 

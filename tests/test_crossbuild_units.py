@@ -68,6 +68,15 @@ def test_config_unknown_option_is_an_error_with_a_suggestion():
         cfg.edit_config(CONFIG, {"USE_ZZZ": "ON"})
 
 
+def test_config_newer_tree_libbacktrace_option():
+    text, changes = cfg.edit_config("set(USE_LLVM OFF)\nset(TVM_FFI_USE_LIBBACKTRACE ON)\n", {})
+    assert text == "set(USE_LLVM OFF)\nset(TVM_FFI_USE_LIBBACKTRACE OFF)\n"
+    assert [(c.name, c.old, c.new) for c in changes] == [
+        ("USE_LLVM", "OFF", "OFF"),
+        ("TVM_FFI_USE_LIBBACKTRACE", "ON", "OFF"),
+    ]
+
+
 def test_config_crlf_line_endings_kept():
     text, _ = cfg.edit_config(CONFIG.replace("\n", "\r\n"), {"USE_CUDA": "ON"})
     assert "set(USE_CUDA ON)\r\n" in text
