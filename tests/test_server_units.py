@@ -1,0 +1,336 @@
+"""Unit tests for the server parts that need no worker: paths, options, board, handshake."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python import usage
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tvmrpc.codec import RPC_CODE_MISMATCH, RPC_MAGIC, encode_handshake
+from tvmrpc.server import worker
+from tvmrpc.server.adapter import IDeviceRuntime, WorkerConfig, ZygoteRuntime
+from tvmrpc.server.board import Board
+from tvmrpc.server.handshake import HandshakeFactory
+from tvmrpc.server.service import Options, parse_hostport
+
+# -- session paths --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["a.so", "sub/a.so", "sub/../a.so", ".", "./x"])
+def test_session_path_inside_root(tmp_path, path):
+    root = str(tmp_path)
+    resolved = worker.session_path(root, path)
+    assert resolved == os.path.normpath(os.path.join(root, path))
+    assert resolved == root or resolved.startswith(root + os.sep)
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "..", "sub/../../x"])
+def test_session_path_refuses_escapes(tmp_path, path):
+    with pytest.raises(worker.PathEscapeError, match=r"session directory|session-relative"):
+        worker.session_path(str(tmp_path), path)
+
+
+def test_session_path_refuses_sibling_with_common_prefix(tmp_path):
+    root = tmp_path / "sess"
+    with pytest.raises(worker.PathEscapeError):
+        worker.session_path(str(root), "../sess-other/x")
+
+
+# -- the runtime library ---------------------------------------------------------
+
+
+def test_find_runtime_library_explicit_file_and_dir(tmp_path):
+    lib = tmp_path / worker.RUNTIME_NAME
+    lib.write_bytes(b"")
+    assert worker.find_runtime_library(str(lib)) == lib
+    assert worker.find_runtime_library(str(tmp_path)) == lib
+
+
+def test_find_runtime_library_from_env(tmp_path, monkeypatch):
+    lib = tmp_path / worker.RUNTIME_NAME
+    lib.write_bytes(b"")
+    monkeypatch.setenv("TVM_LIBRARY_PATH", f"/nonexistent{os.pathsep}{tmp_path}")
+    assert worker.find_runtime_library() == lib
+
+
+def test_find_runtime_library_explicit_missing_names_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.delenv("TVM_LIBRARY_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        worker.find_runtime_library(str(tmp_path / "nothing-here"))
+
+
+def test_worker_finds_and_loads_runtime_without_importing_tvm_or_numpy():
+    """The installed tvm package's lib/ is found without importing tvm (which imports numpy)."""
+    code = (
+        "import sys\n"
+        "from tvmrpc.server import worker\n"
+        "ffi = worker.load_runtime(worker.find_runtime_library())\n"
+        "print(worker.probe_str_type_index(ffi))\n"
+        "print(sorted(m for m in ('tvm', 'numpy', 'cloudpickle', 'tornado', 'twisted')"
+        " if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TVM_LIBRARY_PATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split("\n")
+    assert out[0] == "8"  # tvm-ffi runtimes write raw strings with type index 8
+    assert out[1] == "[]"
+
+
+# -- options ---------------------------------------------------------------------
+
+
+def test_parse_hostport():
+    assert parse_hostport("127.0.0.1:9190") == ("127.0.0.1", 9190)
+    assert parse_hostport("[::1]:9190") == ("::1", 9190)
+    for bad in ("9190", "host:", ":9190", "host:port"):
+        with pytest.raises(usage.UsageError):
+            parse_hostport(bad)
+
+
+def test_options_collect_init_modules_and_libraries(tmp_path):
+    a, b = tmp_path / "a.so", tmp_path / "b.so"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    options = Options()
+    options.parseOptions(
+        [
+            "--key",
+            "k",
+            "--init",
+            "m1",
+            "--init",
+            "m2",
+            "--load-library",
+            f"{a}:{b}",
+            "--tracker",
+            "localhost:9190",
+        ]
+    )
+    assert options["init-modules"] == ["m1", "m2"]
+    assert options["load-libraries"] == [str(a), str(b)]
+    assert options["tracker"] == ("localhost", 9190)
+    argv = WorkerConfig(
+        load_libraries=tuple(options["load-libraries"]), init_modules=("m1", "m2")
+    ).argv()
+    assert argv[1:3] == ["-m", "tvmrpc.server.worker"]
+    assert argv.count("--load-library") == 2
+    assert argv.count("--init") == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--key", "k", "--load-library", "/nonexistent/lib.so"],
+        ["--key", "k", "--handshake-timeout", "0"],
+        ["--key", "k", "--through-proxy"],
+        ["--key", "k", "--through-proxy", "--port", "9090", "--listen", "tcp:0"],
+    ],
+)
+def test_options_refuse(args):
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(args)
+
+
+# -- the board, with a fake runtime ------------------------------------------------
+
+
+@implementer(IDeviceRuntime)
+class FakeRuntime:
+    """Serves sessions until the test ends them; an abort ends the session a moment later
+    (as a killed worker is reaped later), on ``clock``."""
+
+    str_type_index = 8
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or Clock()
+        self.is_ready = True
+        self.sessions: list[tuple[socket.socket, str, defer.Deferred[int]]] = []
+        self.aborted: list[defer.Deferred[int]] = []
+
+    def ready(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def serve(self, sock: socket.socket, session_dir: str) -> defer.Deferred[int]:
+        d: defer.Deferred[int] = defer.Deferred()
+        self.sessions.append((sock, session_dir, d))
+        return d
+
+    def abort(self, session: defer.Deferred[int]) -> None:
+        self.aborted.append(session)
+        self.clock.callLater(0, session.callback, -9)
+
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class FakeTicket:
+    def __init__(self, label: str, timeout: float | None = None) -> None:
+        self.label = label
+        self.timeout = timeout
+        self.ours, self.theirs = socket.socketpair()
+        self.rejected = False
+
+    def accept(self) -> socket.socket:
+        return self.ours
+
+    def reject(self) -> None:
+        self.rejected = True
+
+
+def test_fake_runtime_provides_the_interface():
+    verifyObject(IDeviceRuntime, FakeRuntime())
+    verifyObject(IDeviceRuntime, ZygoteRuntime(Clock(), WorkerConfig()))
+
+
+def test_board_serves_one_at_a_time_in_order_with_fresh_dirs(tmp_path):
+    runtime = FakeRuntime()
+    board = Board(Clock(), runtime, workdir=str(tmp_path))
+    idle: list[int] = []
+    board.idle_observers.append(lambda: idle.append(1))
+    tickets = [FakeTicket(f"t{i}") for i in range(3)]
+    for ticket in tickets:
+        board.offer(ticket)
+    assert len(runtime.sessions) == 1
+    assert board.busy
+    dirs = []
+    for i in range(3):
+        sock, session_dir, d = runtime.sessions[i]
+        assert sock is tickets[i].ours
+        assert os.path.isdir(session_dir)
+        dirs.append(session_dir)
+        assert idle == []
+        d.callback(0)
+        assert not os.path.exists(session_dir)
+    assert len(set(dirs)) == 3
+    assert not board.busy
+    assert idle == [1]
+    assert board.sessions_served == 3
+
+
+def test_board_timeout_aborts_and_sends_the_stock_exception(tmp_path):
+    clock = Clock()
+    runtime = FakeRuntime(clock)
+    board = Board(clock, runtime, workdir=str(tmp_path))
+    ticket = FakeTicket("slow", timeout=3)
+    board.offer(ticket)
+    clock.advance(2.9)
+    assert runtime.aborted == []
+    clock.advance(0.2)
+    assert len(runtime.aborted) == 1
+    clock.advance(0)
+    assert not board.busy
+    length = struct.unpack("<Q", ticket.theirs.recv(8))[0]
+    payload = ticket.theirs.recv(length)
+    code, nargs, type_index, _size = struct.unpack_from("<iiiQ", payload)
+    assert (code, nargs, type_index) == (5, 1, 8)
+    assert payload[20:].decode().startswith("RPCSessionTimeoutError:")
+
+
+def test_board_close_rejects_waiting_and_aborts_after_grace(tmp_path):
+    clock = Clock()
+    runtime = FakeRuntime(clock)
+    board = Board(clock, runtime, workdir=str(tmp_path))
+    running_ticket, waiting = FakeTicket("a"), FakeTicket("b")
+    board.offer(running_ticket)
+    board.offer(waiting)
+    closed = board.close(grace=5)
+    assert waiting.rejected
+    assert not closed.called
+    clock.advance(5)
+    assert len(runtime.aborted) == 1
+    clock.advance(0)
+    assert closed.called
+    late = FakeTicket("late")
+    board.offer(late)
+    assert late.rejected
+
+
+def test_board_withdrawn_ticket_is_not_served(tmp_path):
+    runtime = FakeRuntime()
+    board = Board(Clock(), runtime, workdir=str(tmp_path))
+    first, gone = FakeTicket("first"), FakeTicket("gone")
+    board.offer(first)
+    board.offer(gone)
+    board.withdraw(gone)
+    runtime.sessions[0][2].callback(0)
+    assert len(runtime.sessions) == 1
+    assert not board.busy
+
+
+# -- the handshake protocol, on a string transport -----------------------------------
+
+
+def _handshake(clock: Clock, matcher=lambda key: key == "k"):
+    board = Board(clock, FakeRuntime())
+    offered: list[object] = []
+    board.offer = offered.append  # type: ignore[method-assign]
+    factory = HandshakeFactory(clock, board, "k", matcher, handshake_timeout=5)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5555))
+    proto.makeConnection(transport)
+    return proto, transport, offered
+
+
+def test_handshake_accepted_key_waits_on_the_board_with_its_timeout():
+    proto, transport, offered = _handshake(Clock())
+    data = encode_handshake("client:k -timeout=7")
+    for i in range(len(data)):  # byte by byte, as a slow peer might send it
+        proto.dataReceived(data[i : i + 1])
+    assert offered == [proto]
+    assert proto.timeout == 7
+    assert transport.value() == b""  # answered only when its session starts
+
+
+def test_handshake_mismatch_answers_and_closes():
+    proto, transport, offered = _handshake(Clock())
+    proto.dataReceived(encode_handshake("client:other"))
+    assert transport.value() == struct.pack("<i", RPC_CODE_MISMATCH)
+    assert transport.disconnecting
+    assert offered == []
+
+
+def test_handshake_bad_magic_closes_silently():
+    proto, transport, offered = _handshake(Clock())
+    proto.dataReceived(struct.pack("<i", RPC_MAGIC + 7))
+    assert transport.value() == b""
+    assert offered == []
+    assert transport.disconnecting or transport.disconnected
+
+
+def test_handshake_stalled_peer_is_dropped_after_the_timeout():
+    clock = Clock()
+    proto, transport, offered = _handshake(clock)
+    proto.dataReceived(encode_handshake("client:k")[:6])
+    clock.advance(4.9)
+    assert not (transport.disconnecting)
+    assert not (transport.disconnected)
+    clock.advance(0.2)
+    assert transport.disconnecting or transport.disconnected
+    assert offered == []
+
+
+def test_handshake_timer_stops_once_complete():
+    clock = Clock()
+    proto, _transport, offered = _handshake(clock)
+    proto.dataReceived(encode_handshake("client:k"))
+    assert clock.getDelayedCalls() == []
+    assert offered == [proto]
+
+
+def test_worker_module_imports_no_twisted(tmp_path: Path):
+    code = "import sys, tvmrpc.server.worker; print('twisted' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
