@@ -178,9 +178,10 @@ class Demo:
         self.steps.say("Summary")
         width = max([len(r.key) for r in self.rows] + [3])
         path_width = max([len(r.path) for r in self.rows] + [4])
-        self.steps.say(f"  {'key':<{width}}  {'path':<{path_width}}  session  result")
+        self.steps.say(f"  {'key':<{width}}  {'path':<{path_width}}  {'session':>8}  result")
         for row in self.rows:
-            seconds = f"{row.seconds * 1000:5.0f} ms" if row.seconds is not None else "    -   "
+            seconds = f"{row.seconds * 1000:.0f} ms" if row.seconds is not None else "-"
+            seconds = f"{seconds:>8}"
             result = {True: "OK", False: "WRONG", None: "not run"}[row.ok]
             self.steps.say(f"  {row.key:<{width}}  {row.path:<{path_width}}  {seconds}  {result}")
 
