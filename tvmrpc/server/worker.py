@@ -171,6 +171,19 @@ def run_session(
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
         traceback.print_exc()
         return 1
+    finally:
+        end_connection(fd)
+
+
+def end_connection(fd: int) -> None:
+    """Send FIN now: the daemon's duplicate of the socket must not keep the client waiting."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 class Zygote:

@@ -1,0 +1,189 @@
+"""Server benchmark: stock ``tvm.exec.rpc_server`` and ours behind one tracker, stock client.
+
+Figures, each measured the same way against both:
+- session latency p50/p95: tracker request → 1 KiB upload → download → close;
+- back-to-back sessions/s: 4 client processes x 25 sessions (request, upload a
+  compiled kernel, load it, ``time_evaluator``, close) against 2 servers;
+- 64 MiB upload and download MB/s over one session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import Table
+from tests.server_support import start_server
+from tests.support import Process, running, start_stock_server, start_tracker
+
+KERNEL_NAME = "add_one"
+KERNEL_LEN = 1024
+
+
+def build_kernel(out_dir: Path) -> Path:
+    """A tiny compiled kernel (``B = A + 1``), the kind an autotuner uploads."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((KERNEL_LEN,), name="A", dtype="float32")
+    b = te.compute((KERNEL_LEN,), lambda i: a[i] + 1.0, name="B")
+    func = te.create_prim_func([a, b]).with_attr("global_symbol", KERNEL_NAME)
+    path = out_dir / "kernel.so"
+    tvm.compile(func, target="llvm").export_library(str(path))
+    return path
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def session_latency(tracker_port: int, key: str, n: int) -> list[float]:
+    """Seconds per session: request, 1 KiB upload, download, close."""
+    from tvm import rpc
+
+    client = rpc.connect_tracker("127.0.0.1", tracker_port)
+    blob = bytearray(b"x" * 1024)
+    samples = []
+    for _ in range(n + 2):
+        start = time.perf_counter()
+        session = client.request(key, session_timeout=60)
+        session.upload(blob, "blob.bin")
+        assert len(session.download("blob.bin")) == len(blob)
+        del session  # the last reference: the stock client closes the session
+        samples.append(time.perf_counter() - start)
+    return samples[2:]  # the first sessions warm the client up
+
+
+def _tune_client(args: tuple[int, str, int, str]) -> int:
+    """One autotuner-like client process: ``count`` short sessions."""
+    import numpy as np
+    import tvm
+    from tvm import rpc
+
+    tracker_port, key, count, kernel = args
+    client = rpc.connect_tracker("127.0.0.1", tracker_port)
+    for _ in range(count):
+        session = client.request(key, session_timeout=60)
+        session.upload(kernel)
+        module = session.load_module(Path(kernel).name)
+        dev = session.cpu()
+        a = tvm.runtime.tensor(np.zeros(KERNEL_LEN, dtype="float32"), dev)
+        b = tvm.runtime.tensor(np.zeros(KERNEL_LEN, dtype="float32"), dev)
+        module.time_evaluator(KERNEL_NAME, dev, number=3, repeat=1)(a, b)
+        del a, b, module, dev, session  # closes the session
+    return count
+
+
+def sessions_per_second(tracker_port: int, key: str, procs: int, each: int, kernel: Path) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        pool.map(_tune_client, [(tracker_port, key, 1, str(kernel))] * procs)  # warm up imports
+        start = time.perf_counter()
+        done = sum(pool.map(_tune_client, [(tracker_port, key, each, str(kernel))] * procs))
+        return done / (time.perf_counter() - start)
+
+
+def transfer_rates(tracker_port: int, key: str, mib: int) -> tuple[float, float]:
+    """(upload MB/s, download MB/s) of ``mib`` MiB over one session."""
+    from tvm import rpc
+
+    client = rpc.connect_tracker("127.0.0.1", tracker_port)
+    session = client.request(key, session_timeout=300)
+    blob = bytearray(mib << 20)
+    start = time.perf_counter()
+    session.upload(blob, "big.bin")
+    up = len(blob) / (time.perf_counter() - start) / 1e6
+    start = time.perf_counter()
+    data = session.download("big.bin")
+    down = len(data) / (time.perf_counter() - start) / 1e6
+    assert len(data) == len(blob)
+    del session
+    return up, down
+
+
+def start_pair(kind: str, log_dir: Path, key: str, tracker_port: int) -> list[Process]:
+    """Two servers of one kind registered under ``key``."""
+    tracker = f"127.0.0.1:{tracker_port}"
+    servers: list[Process] = []
+    for i in range(2):
+        name = f"{kind}-{i}"
+        if kind == "stock":
+            proc = start_stock_server(log_dir, key, tracker=("127.0.0.1", tracker_port), name=name)
+        else:
+            proc = start_server(log_dir, key, "--tracker", tracker, name=name)
+            proc.wait_for(r"registered with tracker")
+        servers.append(proc)
+    return servers
+
+
+def wait_registered(tracker_port: int, key: str, free: int, timeout: float = 60) -> None:
+    """Poll the tracker until ``free`` servers of ``key`` are free (no event to await)."""
+    from tvm import rpc
+
+    client = rpc.connect_tracker("127.0.0.1", tracker_port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.summary()["queue_info"].get(key, {})
+        if info.get("free", 0) >= free:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{key}: {free} servers never registered")
+
+
+def measure(kind: str, log_dir: Path, tracker_port: int, kernel: Path, args) -> dict[str, float]:
+    key = f"bench-{kind}"
+    servers = start_pair(kind, log_dir, key, tracker_port)
+    try:
+        wait_registered(tracker_port, key, 2)
+        lat = session_latency(tracker_port, key, args.sessions)
+        rate = sessions_per_second(tracker_port, key, args.procs, args.each, kernel)
+        up, down = transfer_rates(tracker_port, key, args.mib)
+    finally:
+        for proc in servers:
+            proc.stop()
+    return {
+        "p50": statistics.median(lat) * 1e3,
+        "p95": percentile(lat, 0.95) * 1e3,
+        "rate": rate,
+        "up": up,
+        "down": down,
+    }
+
+
+def main(flags: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench server")
+    parser.add_argument("--quick", action="store_true", help="fewer sessions, 16 MiB")
+    args = parser.parse_args(flags)
+    args.sessions = 10 if args.quick else 40
+    args.procs = 4
+    args.each = 5 if args.quick else 25
+    args.mib = 16 if args.quick else 64
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        log_dir = Path(tmp)
+        kernel = build_kernel(log_dir)
+        with running(start_tracker(log_dir)) as tracker:
+            stock = measure("stock", log_dir, tracker.port, kernel, args)
+            ours = measure("ours", log_dir, tracker.port, kernel, args)
+    table = Table(f"server (stock client, one tracker, 2 servers each; {args.mib} MiB)")
+    table.add("session latency p50 (ms)", stock["p50"], ours["p50"], "lower")
+    table.add("session latency p95 (ms)", stock["p95"], ours["p95"], "lower")
+    table.add(
+        f"sessions/s ({args.procs} procs x {args.each}, kernel+time_evaluator)",
+        stock["rate"],
+        ours["rate"],
+        "higher",
+    )
+    table.add(f"upload {args.mib} MiB (MB/s)", stock["up"], ours["up"], "higher")
+    table.add(f"download {args.mib} MiB (MB/s)", stock["down"], ours["down"], "higher")
+    print(table.render(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
