@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests import netns
 from tests.netns import NetnsUnavailable, Topology
 from tests.support import Process
 from tvmrpc.demo import daemons, tracker_state
@@ -145,6 +146,12 @@ def lab(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
         yield lab
     finally:
         lab.stop()
+
+
+def test_without_root_it_skips_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(NetnsUnavailable, match="need root"):
+        Topology(tag="tvmrpc-t0-never").create()
 
 
 def test_a_cannot_reach_the_boards_but_b_can(topo: Topology) -> None:
