@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
 
 import pytest
 from tvm import rpc
+from tvm.rpc import base
 
 from tests.proxy_support import start_proxied_server, start_proxy
 from tests.support import Daemon, running, start_tracker, subprocess_env
@@ -79,3 +82,26 @@ def test_tracker_restart_reregisters_waiting_servers(log_dir):
                     session = rpc.connect_tracker("127.0.0.1", port).request(
                         "rst", session_timeout=60)
                     assert session.get_function("testing.echo")(5) == 5
+
+
+def test_key_handed_out_but_unused_is_regenerated(log_dir):
+    with running(start_tracker(log_dir)) as tracker, running(
+        start_proxy(log_dir, "--tracker", f"127.0.0.1:{tracker.port}",
+                    "--tracker-period", "0.2", "--alloc-timeout", "0.5")
+    ) as proxy:
+        proxy.wait_for(r"connected to tracker")
+        with running(start_proxied_server(log_dir, proxy, "lost")):
+            first = proxy.wait_for(r"put (lost:\S+) at the tracker").group(1)
+            # a client takes the key from the tracker and never comes
+            with socket.create_connection(("127.0.0.1", tracker.port), timeout=30) as sock:
+                sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+                assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+                base.sendjson(sock, [base.TrackerCode.REQUEST, "lost", "", 1])
+                assert base.recvjson(sock) == [0, ["127.0.0.1", proxy.port, first]]
+            mark = proxy.mark()
+            proxy.wait_for(r"handed out but unused, regenerating", start=mark)
+            second = proxy.wait_for(r"put (lost:\S+) at the tracker", start=mark).group(1)
+            assert second != first
+            session = rpc.connect_tracker("127.0.0.1", tracker.port).request(
+                "lost", session_timeout=60)
+            assert session.get_function("testing.echo")("again") == "again"

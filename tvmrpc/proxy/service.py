@@ -39,6 +39,7 @@ class Options(ListenOptions):
         ["timeout-server", None, 600.0, "Seconds a server waits (not in tracker mode).", float],
         ["handshake-timeout", None, 5.0, "Seconds allowed to send the handshake.", float],
         ["tracker-period", None, 2.0, "Seconds between tracker pending-key checks.", float],
+        ["alloc-timeout", None, 5.0, "Seconds a handed-out key may stay unused.", float],
         ["index-page", None, None, "HTML page served at / on the web port."],
     ]
 
@@ -101,6 +102,7 @@ def makeService(options: Options) -> service.IService:
             listener.bound,
             custom_addr=options["custom-addr"],
             period=options["tracker-period"],
+            grace=options["alloc-timeout"],
         )
         registrar.setServiceParent(top)
     return top
