@@ -1,0 +1,67 @@
+"""Session directories and workers are cleaned up whatever ends a session (timeout, SIGTERM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from tvm import rpc
+
+from tests.server_support import alive, init_module_dir, server_env, start_server
+from tests.support import running
+
+pytestmark = pytest.mark.stock
+
+
+def _start(log_dir, tmp_path, key, *extra):
+    path, module = init_module_dir(tmp_path / "init")
+    return start_server(log_dir, key, "--init", module, *extra, env=server_env(path))
+
+
+def test_timed_out_session_loses_its_directory_and_next_gets_a_fresh_one(log_dir, tmp_path):
+    with running(_start(log_dir, tmp_path, "dirs")) as server:
+        session = rpc.connect("127.0.0.1", server.port, key="dirs", session_timeout=1)
+        first_dir = session.get_function("tvm.rpc.server.workpath")(".")
+        session.upload(bytearray(b"left behind?"), "f")
+        assert os.path.isfile(os.path.join(first_dir, "f"))
+        mark = server.mark()
+        with pytest.raises(Exception, match="RPCSessionTimeoutError"):
+            session.get_function("tvmrpc_test.sleep")(60)
+        server.wait_for(r"session ended", start=mark)
+        assert not os.path.exists(first_dir)
+        session = rpc.connect("127.0.0.1", server.port, key="dirs", session_timeout=60)
+        second_dir = session.get_function("tvm.rpc.server.workpath")(".")
+        assert second_dir != first_dir
+        assert session.listdir(".") == ""
+
+
+def test_sigterm_aborts_a_busy_session_after_grace(log_dir, tmp_path):
+    server = _start(log_dir, tmp_path, "busy", "--grace", "1")
+    with running(server):
+        zygote = int(server.wait_for(r"worker zygote (\d+) warm").group(1))
+        session = rpc.connect("127.0.0.1", server.port, key="busy")
+        worker = session.get_function("tvmrpc_test.pid")()
+        session_dir = session.get_function("tvm.rpc.server.workpath")(".")
+        sleep = session.get_function("tvmrpc_test.sleep")
+        outcome: list[object] = []
+        thread = threading.Thread(target=lambda: _call(sleep, 120, outcome), daemon=True)
+        thread.start()
+        os.kill(server.proc.pid, signal.SIGTERM)  # the daemon alone, as systemd's KillMode=mixed
+        server.wait_for(r"grace period over")
+        server.wait_for(r"tvm-server stopped")
+        server.proc.wait(30)
+        thread.join(30)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], Exception), outcome
+        assert not alive(worker)
+        assert not alive(zygote)
+        assert not os.path.exists(session_dir)
+
+
+def _call(fn, arg, outcome: list[object]) -> None:
+    try:
+        outcome.append(fn(arg))
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        outcome.append(exc)
