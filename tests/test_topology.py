@@ -93,12 +93,12 @@ class Lab:
         return tracker_state.wait_until(
             self.tracker_address, predicate, timeout, what, connect=self.topo.a.connect)
 
-    def client(self, key: str, name: str) -> Process:
+    def client(self, key: str, name: str, *extra: str) -> Process:
         """A stock client in A: request ``key``, upload the MLP, run, check (one JSON line)."""
         host, port = self.tracker_address
         return self.spawn(self.topo.a, name, [
             sys.executable, "-m", "tvmrpc.demo.session", "--tracker", f"{host}:{port}",
-            "--key", key, "--library", str(self.library)])
+            "--key", key, "--library", str(self.library), *extra])
 
     @staticmethod
     def outcome(proc: Process, timeout: float) -> dict[str, Any]:
@@ -192,7 +192,8 @@ def test_cut_cable_to_d_then_restore(lab: Lab, topo: Topology) -> None:
         lab.served("board-c", "client-c-while-d-cut")
         lab.wait_state(lambda s: lab.free(s, "board-d") == 0 and lab.free(s, "board-c") == 1,
                        DEAD_PEER, "D's resources gone from the queue, C's still there")
-        waiting = lab.client("board-d", "client-d-waiting")
+        # One try only: a dead resource handed to it fails it instead of being retried.
+        waiting = lab.client("board-d", "client-d-waiting", "--max-retry", "1")
         state = lab.wait_state(lambda s: lab.pending(s, "board-d") == 1, START,
                                "the request for board-d queued at the tracker")
         assert lab.free(state, "board-d") == 0

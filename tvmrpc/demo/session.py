@@ -33,9 +33,17 @@ class SessionOutcome:
 
 
 def request_and_run(
-    tracker: tuple[str, int], key: str, library: Path, session_timeout: float = 60.0
+    tracker: tuple[str, int],
+    key: str,
+    library: Path,
+    session_timeout: float = 60.0,
+    max_retry: int = 5,
 ) -> SessionOutcome:
-    """Request ``key`` with the stock ``connect_tracker``; run the MLP in ``library`` there."""
+    """Request ``key`` with the stock ``connect_tracker``; run the MLP in ``library`` there.
+
+    ``max_retry`` is stock's: how many resources the client tries before it
+    gives up. With 1, being handed a dead resource fails the session.
+    """
     import numpy as np
     from tvm import rpc
 
@@ -43,7 +51,9 @@ def request_and_run(
 
     started = time.monotonic()
     client = rpc.connect_tracker(tracker[0], tracker[1])
-    session = client.request(key, priority=1, session_timeout=int(session_timeout))
+    session = client.request(
+        key, priority=1, session_timeout=int(session_timeout), max_retry=max_retry
+    )
     opened = time.monotonic()
     try:
         result = run_mlp(session, library)
@@ -65,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="device key to request")
     parser.add_argument("--library", type=Path, required=True, help="compiled MLP (build_mlp)")
     parser.add_argument("--session-timeout", type=float, default=60.0)
+    parser.add_argument("--max-retry", type=int, default=5,
+                        help="resources to try before giving up (stock's max_retry; 1: no retry)")
     args = parser.parse_args(argv)
-    outcome: Any = request_and_run(args.tracker, args.key, args.library, args.session_timeout)
+    outcome: Any = request_and_run(
+        args.tracker, args.key, args.library, args.session_timeout, args.max_retry
+    )
     print(outcome.to_json(), flush=True)
     return 0 if outcome.ok else 1
 
