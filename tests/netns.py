@@ -200,8 +200,9 @@ class Topology:
                                   (link.right, link.right_dev, link.right_addr)):
                 ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 ip("-n", ns, "link", "set", dev, "up")
-        subprocess.run(self.b.argv("sysctl", "-qw", "net.ipv4.ip_forward=0"), check=True,
-                       capture_output=True, timeout=30)
+        # /proc/sys/net is the writer's namespace's; sh, not sysctl: procps may be absent.
+        subprocess.run(self.b.argv("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"),
+                       check=True, capture_output=True, timeout=30)
         self.a.ip("route", "add", "default", "via", self.B_A_ADDR)
         self.c.ip("route", "add", "default", "via", self.B_C_ADDR)
         self.d.ip("route", "add", "default", "via", self.B_D_ADDR)
