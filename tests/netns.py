@@ -181,9 +181,19 @@ class Topology:
         return (self.a, self.b, self.c, self.d)
 
     def create(self) -> None:
-        """Build it all; NetnsUnavailable if the first namespace cannot be added."""
+        """Build it all; NetnsUnavailable if the first namespace cannot be added.
+
+        On any failure what was built so far is destroyed before the error propagates.
+        """
         check_available()
         remove_stale()
+        try:
+            self._build()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _build(self) -> None:
         for ns in self.namespaces:
             ip("netns", "delete", ns.name, check=False)  # a leftover of this very pid
             done = ip("netns", "add", ns.name, check=False)
