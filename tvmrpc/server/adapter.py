@@ -247,10 +247,16 @@ class ZygoteRuntime:
                 log.info("worker {pid} serving session {id}", pid=entry.pid, id=entry.id)
                 if entry.aborted:
                     _kill_group(entry.pid)
-        elif event == "exited":
+        elif event in ("finished", "exited"):
             entry = self._sessions.pop(message["id"], None)
             if entry is not None:
                 entry.done.callback(int(message.get("code", 0)))
+        elif event == "spare-failed":
+            log.error(
+                "worker {pid} failed before its session (exit {code}); see its output above",
+                pid=message.get("pid"),
+                code=message.get("code"),
+            )
         elif event == "failed":
             log.error("worker zygote cannot start: {error}", error=message.get("error"))
 

@@ -1,8 +1,10 @@
 """The worker zygote: ``python -m tvmrpc.server.worker`` (spawned by the daemon).
 
 One process loads ``tvm_ffi`` and the TVM runtime library once, then forks a
-fresh worker per session. It imports nothing of tvmrpc besides this module
-and nothing heavy: numpy, ml_dtypes, cloudpickle and tornado are blocked
+fresh worker per session, one session ahead: the spare worker is forked,
+has loaded ``--load-library`` libraries and imported ``--init`` modules, and
+waits for its socket while the current session runs. It imports nothing of
+tvmrpc besides this module and nothing heavy: numpy, ml_dtypes, cloudpickle and tornado are blocked
 while ``tvm_ffi`` loads (it only tries numpy optionally), so the zygote has
 no threads and forking it is safe and fast.
 
@@ -10,9 +12,13 @@ Control channel: the daemon passes a connected UNIX stream socket as fd 3
 (``--control-fd``). Lines of JSON flow both ways:
 
 - zygote → daemon: ``{"event": "ready", "pid": P, "str_type_index": N}``
-  once warm; ``{"event": "started", "id": I, "pid": P}`` after each fork;
+  once warm; ``{"event": "started", "id": I, "pid": P}`` when a worker got
+  its socket; ``{"event": "finished", "id": I, "pid": P}`` when its server
+  loop returned (it is exiting; the client already has its FIN);
   ``{"event": "exited", "id": I, "pid": P, "code": C}`` when a worker is reaped
-  (``C`` is negative for a signal, as :func:`os.waitstatus_to_exitcode`).
+  (``C`` is negative for a signal, as :func:`os.waitstatus_to_exitcode`);
+  ``{"event": "spare-failed", "pid": P, "code": C}`` when a spare died before
+  its session (a broken ``--init`` module); the next one is forked later.
 - daemon → zygote: ``{"cmd": "serve", "id": I, "dir": D}``, with the session
   socket attached (SCM_RIGHTS) to bytes of the same line.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -36,6 +43,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -155,39 +163,51 @@ def link_module(path: str) -> str:
     return path + ".so"
 
 
-def run_session(
-    tvm_ffi: Any, fd: int, root: str, load_libraries: list[str], init_modules: list[str]
-) -> int:
-    """Body of a forked worker: one ``rpc.ServerLoop`` on ``fd`` in ``root``; return exit code."""
+def run_session(tvm_ffi: Any, fd: int, root: str) -> int:
+    """One ``rpc.ServerLoop`` on ``fd`` with ``root`` as session directory; return exit code.
+
+    The runtime closes ``fd`` when its loop ends, so a duplicate is kept to
+    shut the connection down afterwards.
+    """
+    keep = os.dup(fd)
     try:
         os.chdir(root)
         register_session_functions(tvm_ffi, root)
-        for library in load_libraries:
-            ctypes.CDLL(library, ctypes.RTLD_GLOBAL)
-        for module in init_modules:
-            importlib.import_module(module)
         tvm_ffi.get_global_func("rpc.ServerLoop")(fd)
         return 0
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
         traceback.print_exc()
         return 1
     finally:
-        end_connection(fd)
+        end_connection(keep)
 
 
 def end_connection(fd: int) -> None:
     """Send FIN now: the daemon's duplicate of the socket must not keep the client waiting."""
     sock = socket.socket(fileno=fd)
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
+    sock.close()
+
+
+@dataclasses.dataclass
+class Spare:
+    """A forked worker waiting for its session: socket in ``channel``, ``done`` pipe."""
+
+    pid: int
+    channel: socket.socket
+    done: int
 
 
 class Zygote:
-    """The fork server loop (see the module docstring for the protocol)."""
+    """The fork server loop (see the module docstring for the protocol).
+
+    A spare worker is forked ahead of time (libraries loaded, ``--init``
+    modules imported) so that a session starts with one fd hand-off, and the
+    fork and its page-table copy happen while the previous session runs.
+    """
+
+    respawn_delay = 1.0
 
     def __init__(self, control: socket.socket, tvm_ffi: Any, args: argparse.Namespace) -> None:
         self.control = control
@@ -196,6 +216,9 @@ class Zygote:
         self.buffer = b""
         self.fds: list[int] = []
         self.children: dict[int, int] = {}  # pid -> session id
+        self.done_pipes: dict[int, tuple[int, int]] = {}  # read fd -> (session id, pid)
+        self.spare: Spare | None = None
+        self.spare_due: float | None = 0.0
 
     def send(self, message: dict[str, Any]) -> None:
         self.control.sendall(json.dumps(message).encode() + b"\n")
@@ -214,10 +237,20 @@ class Zygote:
             }
         )
         while True:
-            readable, _, _ = select.select([self.control, wake_r], [], [])
+            timeout = None
+            if self.spare is None and self.spare_due is not None:
+                timeout = max(0.0, self.spare_due - time.monotonic())
+                if timeout == 0.0:
+                    self.fork_spare()
+                    continue
+            watched = [self.control, wake_r, *self.done_pipes]
+            readable, _, _ = select.select(watched, [], [], timeout)
             if wake_r in readable:
                 os.read(wake_r, 4096)
                 self.reap()
+            for fd in readable:
+                if fd in self.done_pipes:
+                    self.finished(fd)
             if self.control in readable and not self.receive():
                 self.shutdown(0)
 
@@ -234,9 +267,12 @@ class Zygote:
                 self.serve(message["id"], message["dir"], self.fds.pop(0))
         return True
 
-    def serve(self, session_id: int, root: str, fd: int) -> None:
+    def fork_spare(self) -> None:
+        """Fork the next worker; it loads libraries and init modules, then waits."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        done_r, done_w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the worker
+        if pid == 0:
             code = 1
             try:
                 os.setsid()
@@ -244,38 +280,93 @@ class Zygote:
                 for signum in (signal.SIGCHLD, signal.SIGTERM):
                     signal.signal(signum, signal.SIG_DFL)
                 self.control.close()
-                for other in self.fds:
-                    os.close(other)
-                code = run_session(self.tvm_ffi, fd, root, self.args.load_library, self.args.init)
+                ours.close()
+                for fd in [*self.fds, *self.done_pipes, done_r]:
+                    os.close(fd)
+                code = spare_main(self.tvm_ffi, theirs, done_w, self.args)
+            except BaseException:  # noqa: BLE001 - report, then exit below
+                traceback.print_exc()
             finally:
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
+        theirs.close()
+        os.close(done_w)
+        self.spare = Spare(pid, ours, done_r)
+        self.spare_due = None
+
+    def serve(self, session_id: int, root: str, fd: int) -> None:
+        if self.spare is None:
+            self.fork_spare()
+        spare, self.spare = self.spare, None
+        assert spare is not None
+        try:
+            socket.send_fds(spare.channel, [json.dumps({"dir": root}).encode()], [fd])
+        except OSError:
+            pass  # the spare died; its exit is reported as this session's end
+        finally:
+            os.close(fd)
+            spare.channel.close()
+        self.children[spare.pid] = session_id
+        self.done_pipes[spare.done] = (session_id, spare.pid)
+        self.send({"event": "started", "id": session_id, "pid": spare.pid})
+        self.spare_due = time.monotonic()
+
+    def finished(self, fd: int) -> None:
+        session_id, pid = self.done_pipes.pop(fd)
+        data = os.read(fd, 16)
         os.close(fd)
-        self.children[pid] = session_id
-        self.send({"event": "started", "id": session_id, "pid": pid})
+        if data:
+            self.send({"event": "finished", "id": session_id, "pid": pid})
 
     def reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
+            if self.spare is not None and pid == self.spare.pid:
+                self.spare.channel.close()
+                os.close(self.spare.done)
+                self.spare = None
+                self.spare_due = time.monotonic() + self.respawn_delay
+                self.send({"event": "spare-failed", "pid": pid, "code": code})
+                continue
             session_id = self.children.pop(pid, None)
             if session_id is not None:
-                code = os.waitstatus_to_exitcode(status)
                 self.send({"event": "exited", "id": session_id, "pid": pid, "code": code})
 
     def shutdown(self, code: int) -> None:
-        for pid in list(self.children):
+        pids = list(self.children) + ([self.spare.pid] if self.spare else [])
+        for pid in pids:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(code)
+
+
+def spare_main(tvm_ffi: Any, channel: socket.socket, done_w: int, args: argparse.Namespace) -> int:
+    """Body of a forked worker: prepare, wait for a session socket, serve it, say done."""
+    try:
+        for library in args.load_library:
+            ctypes.CDLL(library, ctypes.RTLD_GLOBAL)
+        for module in args.init:
+            importlib.import_module(module)
+    except BaseException:  # noqa: BLE001 - report and exit; the zygote retries later
+        traceback.print_exc()
+        return 4
+    data, fds, _flags, _addr = socket.recv_fds(channel, 65536, 1)
+    channel.close()
+    if not data or not fds:
+        return 0  # the zygote went away before a session came
+    code = run_session(tvm_ffi, fds[0], json.loads(data)["dir"])
+    os.write(done_w, b"d")
+    return code
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
