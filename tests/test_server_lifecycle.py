@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 from tvm import rpc
 
-from tests.server_support import alive, init_module_dir, server_env, start_server
+from tests.server_support import (
+    alive,
+    init_module_dir,
+    mlp_library,  # noqa: F401 - fixture
+    server_env,
+    start_server,
+)
 from tests.support import running
 
 pytestmark = pytest.mark.stock
@@ -65,3 +72,14 @@ def _call(fn, arg, outcome: list[object]) -> None:
         outcome.append(fn(arg))
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         outcome.append(exc)
+
+
+def test_load_library_is_mapped_in_every_worker(log_dir, tmp_path, mlp_library):  # noqa: F811
+    library = tmp_path / "extra.so"
+    library.write_bytes(mlp_library.read_bytes())
+    with running(_start(log_dir, tmp_path, "lib", "--load-library", str(library))) as server:
+        for _ in range(2):  # a fresh worker each session, each with the library loaded
+            session = rpc.connect("127.0.0.1", server.port, key="lib")
+            pid = session.get_function("tvmrpc_test.pid")()
+            assert str(library) in Path(f"/proc/{pid}/maps").read_text()
+            del session
