@@ -55,6 +55,8 @@ def test_sigterm_aborts_a_busy_session_after_grace(log_dir, tmp_path):
         outcome: list[object] = []
         thread = threading.Thread(target=lambda: _call(sleep, 120, outcome), daemon=True)
         thread.start()
+        children = _children(zygote)  # the session's worker and the spare forked ahead
+        assert worker in children
         os.kill(server.proc.pid, signal.SIGTERM)  # the daemon alone, as systemd's KillMode=mixed
         server.wait_for(r"grace period over")
         server.wait_for(r"tvm-server stopped")
@@ -62,9 +64,51 @@ def test_sigterm_aborts_a_busy_session_after_grace(log_dir, tmp_path):
         thread.join(30)
         assert len(outcome) == 1
         assert isinstance(outcome[0], Exception), outcome
-        assert not alive(worker)
         assert not alive(zygote)
+        assert not [pid for pid in children if alive(pid)]
         assert not os.path.exists(session_dir)
+
+
+def test_killed_zygote_is_restarted_and_leaves_no_orphan(log_dir, tmp_path):
+    with running(_start(log_dir, tmp_path, "phoenix")) as server:
+        assert _round_trip(server.port, "phoenix")
+        zygote = int(server.wait_for(r"worker zygote (\d+) warm").group(1))
+        children = _children(zygote)
+        assert children, "the zygote keeps a spare worker forked ahead"
+        mark = server.mark()
+        os.kill(zygote, signal.SIGKILL)
+        server.wait_for(r"worker zygote (\d+) warm", start=mark)
+        assert not alive(zygote)
+        assert _round_trip(server.port, "phoenix")
+        # A spare forked by the dead zygote notices and exits (nobody else would reap it).
+        for pid in children:
+            _wait_gone(pid)
+
+
+def _round_trip(port: int, key: str) -> bool:
+    session = rpc.connect("127.0.0.1", port, key=key, session_timeout=60)
+    session.upload(bytearray(b"ok"), "ok")
+    return bytes(session.download("ok")) == b"ok"
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def _wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait for ``pid`` to exit (pidfd: an event, not a poll); fail after ``timeout``."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if alive(pid):
+            assert select.select([fd], [], [], timeout)[0], f"process {pid} still runs"
+    finally:
+        os.close(fd)
 
 
 def _call(fn, arg, outcome: list[object]) -> None:
