@@ -4,6 +4,8 @@
   handshake) paired by key push N MiB each way; direct = one loopback socket;
 - a stock client's 64 MiB upload/download to a stock server through ours,
   through stock, and direct;
+- pairing latency: a fake server and client, each writing its handshake in
+  the stock client's three writes, until both have their answer;
 - session setup (connect, one call, close) through each proxy;
 - RSS growth of the proxy while a reader that stopped reading is sent N MiB.
 
@@ -136,6 +138,18 @@ def session_setup(port: int, key: str, n: int) -> float:
     return statistics.median(samples) * 1e3
 
 
+def pairing_latency(port: int, n: int) -> float:
+    """p50 ms for a fake server and client (stock three-write handshakes) to be paired."""
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        server, client = raw_pair(port, f"lat{i}")
+        samples.append(time.perf_counter() - start)
+        server.close()
+        client.close()
+    return statistics.median(samples) * 1e3
+
+
 # -- memory to a stalled reader -----------------------------------------------------
 
 
@@ -194,7 +208,8 @@ def main(flags: list[str]) -> int:
     vs_direct: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        with running(start_stock_proxy(logs)) as stock, running(start_proxy(logs)) as ours:
+        ours_proxy = start_proxy(logs, verbose=False)  # per-pairing log lines cost ~0.5 ms
+        with running(start_stock_proxy(logs)) as stock, running(ours_proxy) as ours:
             ports = {"stock": stock.port, "ours": ours.port}
             mb = raw_total // MiB
             print(f"raw forwarding, {mb} MiB each way ...", flush=True)
@@ -207,10 +222,13 @@ def main(flags: list[str]) -> int:
                 vs_direct.append(f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
                                  f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
                                  f"{fwd['stock'][i] / direct[i]:.0%}")
+            print("pairing latency ...", flush=True)
+            lat = {name: pairing_latency(p, sessions) for name, p in ports.items()}
+            table.add("pairing, both handshakes p50 (ms)", lat["stock"], lat["ours"], "lower")
             print(table.render(), flush=True)
 
             size = 64 * MiB
-            with running(start_proxied_server(logs, ours, "bench")), running(
+            with running(start_proxied_server(logs, ours, "bench", wait=False)), running(
                 start_stock_server(logs, "bench")
             ) as direct_server:
                 stock_server = Process(

@@ -15,9 +15,16 @@ from tvmrpc.codec import RPC_CODE_SUCCESS, RPC_MAGIC
 WEB_LISTENING = re.compile(r"tvm-proxy web listening on (\S+):(\d+)")
 
 
-def start_proxy(log_dir: Path, *extra: str, name: str = "proxy", web: bool = False) -> Daemon:
-    """Our proxy on a kernel-chosen loopback port; ``web_port`` set when ``web``."""
+def start_proxy(
+    log_dir: Path, *extra: str, name: str = "proxy", web: bool = False, verbose: bool = True
+) -> Daemon:
+    """Our proxy on a kernel-chosen loopback port; ``web_port`` set when ``web``.
+
+    Tests run it ``--verbose`` to wait for its "waits as server" lines.
+    """
     args = ["--listen", "tcp:0:interface=127.0.0.1", "--host", "127.0.0.1", *extra]
+    if verbose:
+        args.append("--verbose")
     if web:
         args += ["--web-port", "0"]
     daemon = Daemon("tvm-proxy", args, log_dir / f"{name}.log")
@@ -28,9 +35,15 @@ def start_proxy(log_dir: Path, *extra: str, name: str = "proxy", web: bool = Fal
 
 
 def start_proxied_server(
-    log_dir: Path, proxy: Daemon, key: str, name: str | None = None, extra: Sequence[str] = ()
+    log_dir: Path,
+    proxy: Daemon,
+    key: str,
+    name: str | None = None,
+    extra: Sequence[str] = (),
+    wait: bool = True,
 ) -> Process:
-    """A stock ``tvm.exec.rpc_server --through-proxy``; returns once the proxy holds it."""
+    """A stock ``tvm.exec.rpc_server --through-proxy``; with ``wait``, returns once the
+    (verbose) proxy holds it."""
     mark = proxy.mark()
     proc = Process(
         [
@@ -40,7 +53,8 @@ def start_proxied_server(
         log_dir / f"{name or 'proxied-server-' + key}.log",
         env=subprocess_env(),
     )
-    proxy.wait_for(rf"waits as server {re.escape(key)}\b", start=mark)
+    if wait:
+        proxy.wait_for(rf"waits as server {re.escape(key)}\b", start=mark)
     return proc
 
 

@@ -30,6 +30,9 @@ class Options(ListenOptions):
         "server at --web-port /ws) and stock clients connect to it and are paired "
         "by key. With --tracker, servers behind it are registered at a tracker."
     )
+    optFlags = [
+        ["verbose", "v", "Log every connection that waits and every pairing."],
+    ]
     optParameters = [
         ["web-port", None, None, "HTTP/WebSocket port (path /ws); off if unset.", int],
         ["web-listen", None, None, "Twisted endpoint string for the WebSocket server."],
@@ -71,6 +74,7 @@ def makeService(options: Options) -> service.IService:
         timeout_client=options["timeout-client"],
         timeout_server=options["timeout-server"],
         tracker_mode=bool(tracker),
+        verbose=options["verbose"],
     )
     factory = ProxyFactory(switchboard, options["handshake-timeout"])
     top = service.MultiService()

@@ -53,8 +53,11 @@ class Switchboard:
         timeout_client: float | None = 600.0,
         timeout_server: float | None = 600.0,
         tracker_mode: bool = False,
+        verbose: bool = False,
     ) -> None:
         self.clock = clock
+        #: Log every wait and pairing (a log line costs about as much as the pairing itself).
+        self.verbose = verbose
         self.timeouts = {"client": timeout_client, "server": timeout_server}
         self.tracker_mode = tracker_mode
         self.table: PairingTable[object] = PairingTable()
@@ -82,19 +85,21 @@ class Switchboard:
             peer = outcome.peer
             self._cancel_timer(peer)
             self.pairings += 1
-            log.info(
-                "paired {a} with {b} on {matchkey}",
-                a=leg.peer_name,
-                b=peer.peer_name,
-                matchkey=matchkey,
-            )
+            if self.verbose:
+                log.info(
+                    "paired {a} with {b} on {matchkey}",
+                    a=leg.peer_name,
+                    b=peer.peer_name,
+                    matchkey=matchkey,
+                )
             leg.pair(peer)
             peer.pair(leg)
             leg.start()
             peer.start()
         elif isinstance(outcome, Waiting):
-            log.info("{leg} waits as {role} {matchkey}", leg=leg.peer_name, role=key.role,
-                      matchkey=matchkey)
+            if self.verbose:
+                log.info("{leg} waits as {role} {matchkey}", leg=leg.peer_name, role=key.role,
+                         matchkey=matchkey)
             if outcome.deadline is not None:
                 self._timers[leg] = self.clock.callLater(
                     outcome.deadline - now, self._expire
