@@ -42,3 +42,20 @@ def test_stale_match_key_is_refused_and_a_fresh_one_registered(log_dir):
             session = rpc.connect_tracker("127.0.0.1", tracker.port).request("stale")
             session.upload(bytearray(b"fresh"), "f")
             assert bytes(session.download("f")) == b"fresh"
+
+
+def test_custom_addr_is_what_the_tracker_hands_out(log_dir):
+    """Listening on 127.0.0.2 only: clients find it only through --custom-addr."""
+    with running(start_tracker(log_dir)) as tracker:
+        args = ["--listen", "tcp:0:interface=127.0.0.2", "--custom-addr", "127.0.0.2"]
+        args += ["--tracker", f"127.0.0.1:{tracker.port}"]
+        server = start_server(log_dir, "custom", *args, listen=False)
+        with running(server):
+            server.wait_listening()
+            server.wait_for(r"registered with tracker")
+            client = rpc.connect_tracker("127.0.0.1", tracker.port)
+            infos = [i for i in client.summary()["server_info"] if i["key"] == "server:custom"]
+            assert [info["addr"] for info in infos] == [["127.0.0.2", server.port]]
+            session = client.request("custom", session_timeout=60)
+            session.upload(bytearray(b"aliased"), "f")
+            assert bytes(session.download("f")) == b"aliased"
