@@ -127,3 +127,21 @@ def test_load_library_is_mapped_in_every_worker(log_dir, tmp_path, mlp_library):
             pid = session.get_function("tvmrpc_test.pid")()
             assert str(library) in Path(f"/proc/{pid}/maps").read_text()
             del session
+
+
+def test_session_timeout_through_a_proxy_comes_from_the_forwarded_key(log_dir, tmp_path):
+    from tests.proxy_support import start_proxy
+
+    with running(start_proxy(log_dir)) as proxy:
+        args = ["--through-proxy", "--host", "127.0.0.1", "--port", str(proxy.port)]
+        path, module = init_module_dir(tmp_path / "init")
+        server = start_server(
+            log_dir, "far", "--init", module, *args, env=server_env(path), listen=False
+        )
+        with running(server):
+            server.wait_for(r"waiting at proxy")
+            session = rpc.connect("127.0.0.1", proxy.port, key="far", session_timeout=1)
+            mark = server.mark()
+            with pytest.raises(Exception, match="RPCSessionTimeoutError"):
+                session.get_function("tvmrpc_test.sleep")(60)
+            server.wait_for(r"session timeout after 1(\.0)?s", start=mark)
