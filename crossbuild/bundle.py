@@ -77,10 +77,15 @@ def _template(name: str) -> str:
 
 
 def runtime_libraries(runtime_dir: Path, target: Target) -> list[Path]:
-    """The ``libtvm_runtime*.so`` in ``runtime_dir``, each checked to be for ``target``."""
+    """The ``libtvm_runtime*.so`` in ``runtime_dir`` (or its ``lib/``, where current TVM
+    build directories keep them), each checked to be for ``target``."""
     if not runtime_dir.is_dir():
         raise CrossbuildError(f"--runtime {runtime_dir} is not a directory")
-    libs = sorted(p for p in runtime_dir.glob("libtvm_runtime*.so*") if p.is_file() and is_elf(p))
+    libs: list[Path] = []
+    for where in (runtime_dir, runtime_dir / "lib"):
+        libs = sorted(p for p in where.glob("libtvm_runtime*.so*") if p.is_file() and is_elf(p))
+        if libs:
+            break
     if not libs:
         raise CrossbuildError(f"{runtime_dir} has no libtvm_runtime*.so; run the runtime command")
     for lib in libs:

@@ -102,3 +102,18 @@ def test_tvm_ffi_requirement_choice():
     assert choose(None, "apache-tvm-ffi>=0.1.14", None) == "apache-tvm-ffi>=0.1.14"
     with pytest.raises(CrossbuildError, match="pass --tvm-ffi-version"):
         choose(None, None, None)
+
+
+def test_bundle_finds_the_runtime_in_a_build_dirs_lib(capsys, tmp_path):
+    """Current TVM build directories keep libtvm_runtime.so in lib/."""
+    import tvm
+
+    (tmp_path / "lib").mkdir()
+    host_runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    shutil.copy2(host_runtime, tmp_path / "lib" / "libtvm_runtime.so")
+    line = error_of(
+        capsys,
+        *("bundle", "--target", "aarch64-linux-gnu", "--runtime", str(tmp_path)),
+        *("-o", str(tmp_path / "out.tar.gz")),
+    )
+    assert line.endswith(f"{tmp_path}/lib/libtvm_runtime.so is for x86-64, the target is AArch64")
