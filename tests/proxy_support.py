@@ -54,7 +54,11 @@ def start_proxied_server(
         env=subprocess_env(),
     )
     if wait:
-        proxy.wait_for(rf"waits as server {re.escape(key)}\b", start=mark)
+        try:
+            proxy.wait_for(rf"waits as server {re.escape(key)}\b", start=mark)
+        except BaseException:
+            proc.stop()  # the caller never gets it, so nobody else would
+            raise
     return proc
 
 
