@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import sockopts
+
 log = Logger()
 
 
@@ -30,6 +32,17 @@ class ListenOptions(usage.Options):
         ["port-end", None, None, "End (exclusive) of the port range to try.", int],
         ["listen", None, None, "Twisted endpoint string; overrides host/port."],
     ]
+
+    def opt_dead_peer_timeout(self, value: str) -> None:
+        """Seconds after which a silent peer (board lost power, cable pulled) is
+        dropped, via TCP keepalive [default: 60]."""
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--dead-peer-timeout wants seconds, got {value!r}") from None
+        if seconds < 4:
+            raise usage.UsageError("--dead-peer-timeout must be at least 4 seconds")
+        sockopts.configure_dead_peer_timeout(seconds)
 
 
 def bind_port_range(

@@ -47,15 +47,37 @@ def quickack(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-def set_keepalive(transport: Any, idle: int = 30, interval: int = 10, count: int = 3) -> None:
+#: (idle, interval, count) of TCP keepalive; see :func:`configure_dead_peer_timeout`.
+_keepalive = (30, 10, 3)
+
+
+def configure_dead_peer_timeout(seconds: float) -> None:
+    """Declare a silent peer dead after about ``seconds`` (process-wide default).
+
+    Half the time passes idle, the rest in three unanswered probes; the same
+    bound applies to unacknowledged data (TCP_USER_TIMEOUT).
+    """
+    global _keepalive
+    total = max(4, int(seconds))
+    idle = total // 2
+    _keepalive = (idle, max(1, (total - idle) // 3), 3)
+
+
+def set_keepalive(
+    transport: Any, idle: int | None = None, interval: int | None = None, count: int | None = None
+) -> None:
     """Detect a dead peer (power loss, pulled cable) on an idle connection.
 
-    With the defaults a silent peer is declared dead after about a minute;
-    TCP_USER_TIMEOUT bounds the time unacknowledged data may wait as well.
+    By default a silent peer is declared dead after about a minute (see
+    :func:`configure_dead_peer_timeout`); TCP_USER_TIMEOUT bounds the time
+    unacknowledged data may wait as well.
     """
     sock = tcp_socket(transport)
     if sock is None:
         return
+    idle = _keepalive[0] if idle is None else idle
+    interval = _keepalive[1] if interval is None else interval
+    count = _keepalive[2] if count is None else count
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", idle),

@@ -9,6 +9,10 @@ Invariants:
   every connection and whenever a new device key appears, before its PUT.
 - A key the tracker handed out (missing from GET_PENDING_MATCHKEYS) that no
   client used within ``grace`` seconds is re-keyed and PUT again.
+- A waiting server that goes away (closed, or dropped by keepalive) leaves
+  the tracker's queue: the tracker protocol cannot withdraw one PUT, so the
+  tracker connection is reset (at most once per ``withdraw_delay``) and every
+  server still waiting is PUT again under a fresh key.
 - Nothing blocks: all tracker calls are Deferreds on one connection that
   ``ClientService`` re-establishes with backoff.
 """
@@ -79,6 +83,9 @@ class Registrar(service.Service):
         self._client: ClientService | None = None
         self._loop: LoopingCall | None = None
         switchboard.on_server_waiting = self._server_waiting
+        switchboard.on_server_gone = self._server_gone
+        self.withdraw_delay = 0.2
+        self._reset_call: Any = None
 
     # -- service --------------------------------------------------------------
 
@@ -107,6 +114,9 @@ class Registrar(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         service.Service.stopService(self)
+        if self._reset_call is not None and self._reset_call.active():
+            self._reset_call.cancel()
+        self._reset_call = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._client is not None:
@@ -145,6 +155,18 @@ class Registrar(service.Service):
         if new_device:
             self._update_info(link)
         self._put(link, matchkey)
+
+    def _server_gone(self, matchkey: str) -> None:
+        if self.link is None or self._reset_call is not None:
+            return  # re-registered from scratch on the next connection anyway
+        log.info("server {matchkey} left; re-registering to withdraw it", matchkey=matchkey)
+        self._reset_call = self.reactor.callLater(self.withdraw_delay, self._reset_link)
+
+    def _reset_link(self) -> None:
+        self._reset_call = None
+        link = self.link
+        if link is not None and link.transport is not None:
+            link.transport.loseConnection()
 
     def info(self) -> dict[str, Any]:
         """The UPDATE_INFO value: ``server:proxy[k1,k2]`` at our address and port."""

@@ -64,6 +64,8 @@ class Switchboard:
         self._timers: dict[object, IDelayedCall] = {}
         #: Called with (device key, match key) when a server starts waiting (tracker mode).
         self.on_server_waiting: Callable[[str, str], None] | None = None
+        #: Called with the match key of a waiting server that went away (tracker mode).
+        self.on_server_gone: Callable[[str], None] | None = None
         self.pairings = 0
 
     def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
@@ -116,9 +118,14 @@ class Switchboard:
             leg.refuse(RPC_CODE_MISMATCH)
 
     def leave(self, leg: object) -> None:
-        """A leg closed; if it was waiting, forget it."""
+        """A leg closed; if it was waiting, forget it (and tell the registrar of a server)."""
         self._cancel_timer(leg)
+        server_key = self.table.matchkey_of(leg)
+        if server_key is not None and self.table.waiting(SERVER).get(server_key) is not leg:
+            server_key = None
         self.table.withdraw(leg)
+        if server_key is not None and self.tracker_mode and self.on_server_gone:
+            self.on_server_gone(server_key)
 
     def _expire(self) -> None:
         for leg in self.table.expire(self.clock.seconds()):
