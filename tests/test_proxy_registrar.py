@@ -112,3 +112,31 @@ def test_handed_out_key_regenerated_after_grace_and_lost_link_stops_puts():
     waiting = board.table.waiting(SERVER)
     assert len(waiting) == 2
     assert waiting[second] is leg
+
+
+def test_departed_waiting_servers_reset_the_tracker_link_once():
+    """The wire cannot withdraw one PUT: the link is dropped so the tracker forgets them all."""
+    clock, board, registrar = setup()
+    link = FakeLink()
+    closed = []
+    link.transport.loseConnection = lambda: closed.append(True)
+    registrar._ready(link)
+    gone_a, gone_b = arrive(board, "a"), arrive(board, "b")
+    stays = arrive(board, "c")
+    board.leave(gone_a)
+    board.leave(gone_b)
+    assert closed == []
+    clock.advance(registrar.withdraw_delay)
+    assert closed == [True]
+    assert list(board.table.waiting(SERVER).values()) == [stays]
+
+
+def test_paired_or_client_legs_leaving_do_not_reset_the_link():
+    clock, board, registrar = setup()
+    link = FakeLink()
+    closed = []
+    link.transport.loseConnection = lambda: closed.append(True)
+    registrar._ready(link)
+    board.leave(FakeLeg("never-waited"))
+    clock.advance(1)
+    assert closed == []
