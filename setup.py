@@ -23,6 +23,7 @@ setup(
     extras_require={
         "tvm": ["apache-tvm", "numpy"],
         "websocket": ["autobahn>=23.1"],
+        "crossbuild": ["pyelftools"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
