@@ -36,8 +36,11 @@ PROXY_PORT = 9090
 #: Each namespace is a fresh network stack, so fixed ports cannot clash.
 KEYS = {"board-c": 1, "board-d": 2}  # servers per key
 START = 60.0  # seconds for a daemon to come up or register
-#: A cut cable is only noticed by TCP keepalive (DESIGN.md: dead peers); allow for it.
-DEAD_PEER = 100.0
+#: A cut cable is only noticed by TCP keepalive (DESIGN.md: dead peers): the proxy and
+#: the servers drop a silent peer after this many seconds (default about 60)...
+DEAD_PEER_FLAGS = ["--dead-peer-timeout", "8"]
+#: ...and the test allows for that, reconnect backoff and re-registration.
+DEAD_PEER = 60.0
 
 
 class Lab:
@@ -64,13 +67,14 @@ class Lab:
         topo = self.topo
         self.start_tracker()
         proxy = self.spawn(topo.b, "proxy", daemons.proxy_argv(
-            "0.0.0.0", ("127.0.0.1", TRACKER_PORT), custom_addr=topo.B_A_ADDR, port=PROXY_PORT))
+            "0.0.0.0", ("127.0.0.1", TRACKER_PORT), custom_addr=topo.B_A_ADDR, port=PROXY_PORT,
+        ) + DEAD_PEER_FLAGS)
         proxy.wait_for(r"tvm-proxy listening on", START)
         self.spawn(topo.c, "server-c", daemons.proxied_server_argv(
-            (topo.B_C_ADDR, PROXY_PORT), "board-c"))
+            (topo.B_C_ADDR, PROXY_PORT), "board-c") + DEAD_PEER_FLAGS)
         for n in (1, 2):
             self.spawn(topo.d, f"server-d{n}", daemons.proxied_server_argv(
-                (topo.B_D_ADDR, PROXY_PORT), "board-d"))
+                (topo.B_D_ADDR, PROXY_PORT), "board-d") + DEAD_PEER_FLAGS)
         self.wait_state(lambda s: all(self.free(s, k) == n for k, n in KEYS.items()),
                         START, "every board registered through the proxy")
 
