@@ -10,8 +10,10 @@ protocol has no other way to withdraw a REQUEST).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -206,3 +208,48 @@ def connect_tracker(
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     d = connectProtocol(endpoint, TrackerClientProtocol())
     return d.addCallback(lambda proto: proto.ready)
+
+
+class _NotifyingTrackerProtocol(TrackerClientProtocol):
+    """A tracker connection that reports its loss to ``factory.on_lost``."""
+
+    factory: _NotifyingFactory
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)
+        self.factory.on_lost(self)
+
+
+class _NotifyingFactory(TrackerClientFactory):
+    protocol = _NotifyingTrackerProtocol
+    noisy = False
+
+    def __init__(self, on_lost: Callable[[TrackerClientProtocol], None]) -> None:
+        self.on_lost = on_lost
+
+
+def tracker_link_service(
+    reactor: Any,
+    tracker: tuple[str, int],
+    on_ready: Callable[[TrackerClientProtocol], Any],
+    on_lost: Callable[[TrackerClientProtocol], None],
+    initial_delay: float = 0.2,
+    max_delay: float = 5.0,
+) -> ClientService:
+    """A ``ClientService`` that keeps one tracker connection up, with backoff.
+
+    ``on_ready`` is called with each new connection once the tracker answered
+    the magic (it may return a Deferred; the connection counts as made when
+    that fires); ``on_lost`` with the same protocol object when it closes.
+    Used by the server and the proxy to stay registered across tracker restarts.
+    """
+    host, port = tracker
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+    return ClientService(
+        endpoint,
+        _NotifyingFactory(on_lost),
+        retryPolicy=backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay),
+        clock=reactor,
+        # ClientService hands over a wrapper; ``ready`` fires with the real protocol.
+        prepareConnection=lambda wrapped: wrapped.ready.addCallback(on_ready),
+    )

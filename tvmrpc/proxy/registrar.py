@@ -22,37 +22,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..client import TrackerClientFactory, TrackerClientProtocol
+from ..client import TrackerClientProtocol, tracker_link_service
 from ..codec import split_matchkey
 from .switchboard import Switchboard
 
 log = Logger(namespace="tvmrpc.proxy.tracker")
-
-
-class _TrackerLink(TrackerClientProtocol):
-    """A tracker connection that tells the registrar when it is gone."""
-
-    factory: _LinkFactory
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        super().connectionLost(reason)
-        self.factory.registrar._lost(self)
-
-
-class _LinkFactory(TrackerClientFactory):
-    protocol = _TrackerLink
-
-    def __init__(self, registrar: Registrar) -> None:
-        self.registrar = registrar
 
 
 class Registrar(service.Service):
@@ -79,7 +60,7 @@ class Registrar(service.Service):
         self.grace = grace
         self.port: int | None = None
         self.device_keys: set[str] = set()
-        self.link: _TrackerLink | None = None
+        self.link: TrackerClientProtocol | None = None
         self._client: ClientService | None = None
         self._loop: LoopingCall | None = None
         switchboard.on_server_waiting = self._server_waiting
@@ -97,14 +78,8 @@ class Registrar(service.Service):
         self.port = port.getHost().port
         if not self.running:
             return port
-        host, tport = self.tracker
-        endpoint = HostnameEndpoint(self.reactor, host, tport, timeout=10)
-        self._client = ClientService(
-            endpoint,
-            _LinkFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=5.0),
-            clock=self.reactor,
-            prepareConnection=self._connected,
+        self._client = tracker_link_service(
+            self.reactor, self.tracker, self._ready, self._lost, initial_delay=0.5
         )
         self._client.startService()
         self._loop = LoopingCall(self._check)
@@ -125,10 +100,7 @@ class Registrar(service.Service):
 
     # -- connection -------------------------------------------------------------
 
-    def _connected(self, link: _TrackerLink) -> defer.Deferred[Any]:
-        return link.ready.addCallback(self._ready)
-
-    def _ready(self, link: _TrackerLink) -> _TrackerLink:
+    def _ready(self, link: TrackerClientProtocol) -> TrackerClientProtocol:
         self.link = link
         peer = link.transport.getPeer()
         log.info("connected to tracker {host}:{port}", host=peer.host, port=peer.port)
@@ -139,7 +111,7 @@ class Registrar(service.Service):
             self._put(link, matchkey)
         return link
 
-    def _lost(self, link: _TrackerLink) -> None:
+    def _lost(self, link: TrackerClientProtocol) -> None:
         if self.link is link:
             self.link = None
             log.info("lost the tracker connection; reconnecting")
@@ -173,10 +145,10 @@ class Registrar(service.Service):
         keys = ",".join(sorted(self.device_keys))
         return {"key": f"server:proxy[{keys}]", "addr": [self.custom_addr, self.port]}
 
-    def _update_info(self, link: _TrackerLink) -> None:
+    def _update_info(self, link: TrackerClientProtocol) -> None:
         link.update_info(self.info()).addErrback(self._call_failed, "UPDATE_INFO")
 
-    def _put(self, link: _TrackerLink, matchkey: str) -> None:
+    def _put(self, link: TrackerClientProtocol, matchkey: str) -> None:
         assert self.port is not None
         key = split_matchkey(matchkey)
         d = link.put(key, self.port, matchkey, self.custom_addr)
@@ -198,7 +170,7 @@ class Registrar(service.Service):
         d.addErrback(self._call_failed, "GET_PENDING_MATCHKEYS")
         return d
 
-    def _regenerate(self, pending: list[str], link: _TrackerLink) -> None:
+    def _regenerate(self, pending: list[str], link: TrackerClientProtocol) -> None:
         table = self.switchboard.table
         stale = table.stale_server_keys(pending, self.reactor.seconds(), self.grace)
         if stale:

@@ -19,37 +19,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..client import TrackerClientFactory, TrackerClientProtocol
+from ..client import TrackerClientProtocol, tracker_link_service
 from ..codec import random_matchkey
 from .board import Board
 
 log = Logger(namespace="tvmrpc.server.tracker")
-
-
-class _TrackerLink(TrackerClientProtocol):
-    """A tracker connection that tells the registrar when it is gone."""
-
-    factory: _LinkFactory
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        super().connectionLost(reason)
-        self.factory.registrar._lost(self)
-
-
-class _LinkFactory(TrackerClientFactory):
-    protocol = _TrackerLink
-    noisy = False
-
-    def __init__(self, registrar: Registrar) -> None:
-        self.registrar = registrar
 
 
 class Registrar(service.Service):
@@ -79,8 +59,8 @@ class Registrar(service.Service):
         self.grace = grace
         self.matchkey: str | None = None
         self.old_keys: set[str] = set()
-        self.link: _TrackerLink | None = None
-        self._put_on: _TrackerLink | None = None
+        self.link: TrackerClientProtocol | None = None
+        self._put_on: TrackerClientProtocol | None = None
         self._missing_since: float | None = None
         self._checking = False
         self._client: ClientService | None = None
@@ -104,15 +84,7 @@ class Registrar(service.Service):
         return port
 
     def _connect(self) -> None:
-        host, port = self.tracker
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=10)
-        self._client = ClientService(
-            endpoint,
-            _LinkFactory(self),
-            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0),
-            clock=self.reactor,
-            prepareConnection=self._prepare,
-        )
+        self._client = tracker_link_service(self.reactor, self.tracker, self._ready, self._lost)
         self._client.startService()
 
     def stopService(self) -> defer.Deferred[None] | None:
@@ -127,19 +99,15 @@ class Registrar(service.Service):
 
     # -- the tracker connection --------------------------------------------------
 
-    def _prepare(self, wrapped: Any) -> defer.Deferred[None]:
-        """Tell the tracker who we are; ``wrapped`` is ClientService's proxy of the link."""
-
-        def ready(link: _TrackerLink) -> defer.Deferred[None]:
-            d = link.update_info(self._info())
-            return d.addCallback(lambda _: self._linked(link))
-
-        return wrapped.ready.addCallback(ready)
+    def _ready(self, link: TrackerClientProtocol) -> defer.Deferred[None]:
+        """Tell the tracker who we are; the link counts once that is answered."""
+        d = link.update_info(self._info())
+        return d.addCallback(lambda _: self._linked(link))
 
     def _info(self) -> dict[str, Any]:
         return {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
 
-    def _linked(self, link: _TrackerLink) -> None:
+    def _linked(self, link: TrackerClientProtocol) -> None:
         self.link = link
         self._put_on = None
         log.info(
@@ -152,7 +120,7 @@ class Registrar(service.Service):
             self._loop.start(self.period, now=False)
         self._register()
 
-    def _lost(self, link: _TrackerLink) -> None:
+    def _lost(self, link: TrackerClientProtocol) -> None:
         if link is not self.link:
             return
         self.link = None
@@ -218,7 +186,7 @@ class Registrar(service.Service):
         d.addErrback(self._call_failed, link, "GET_PENDING_MATCHKEYS")
         return None
 
-    def _call_failed(self, failure: Failure, link: _TrackerLink, what: str) -> None:
+    def _call_failed(self, failure: Failure, link: TrackerClientProtocol, what: str) -> None:
         if link is self.link:
             log.warn("tracker {what} failed: {err}", what=what, err=failure.getErrorMessage())
             link.close()
