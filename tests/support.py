@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tvmrpc.demo.daemons import twistd_argv  # one way to run our daemons, shared with demo
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -139,19 +141,6 @@ class Process:
         self.signal(signal.SIGKILL)
         self._reader.join(timeout)
         return self.proc.returncode
-
-
-def twistd_argv(plugin: str, *args: str) -> list[str]:
-    """``twistd -n --pidfile= <plugin> args...`` with this interpreter's twistd."""
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-        "-n",
-        "--pidfile=",
-        plugin,
-        *args,
-    ]
 
 
 class Daemon(Process):
