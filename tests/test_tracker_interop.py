@@ -257,3 +257,16 @@ def test_many_concurrent_stock_clients_all_served(tracker, log_dir):
             thread.join(120)
     assert errors == []
     assert not any(thread.is_alive() for thread in threads)
+
+
+def test_busy_listen_endpoint_exits_nonzero(log_dir):
+    """A daemon that cannot listen must not linger looking healthy to systemd."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon("tvm-tracker", ["--listen", f"tcp:{port}:interface=127.0.0.1"],
+                        log_dir / "busy.log")
+        with running(daemon):
+            daemon.wait_for(r"tvm-tracker cannot listen on")
+            assert daemon.proc.wait(30) == 1

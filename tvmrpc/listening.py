@@ -19,6 +19,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import sockopts
+from .exiting import stop_with_exit_code
+
+#: Exit status of a daemon that could not open its listening port.
+EXIT_CANNOT_LISTEN = 1
 
 log = Logger()
 
@@ -112,8 +116,7 @@ class ListeningService(service.Service):
         log.failure("{name} cannot listen on {listen}", failure, name=self.name, listen=self.listen)
         if not self.bound.called:
             self.bound.errback(failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        stop_with_exit_code(self.reactor, EXIT_CANNOT_LISTEN)
 
     def stopService(self) -> defer.Deferred[None] | None:
         service.Service.stopService(self)

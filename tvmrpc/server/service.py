@@ -9,7 +9,6 @@ seconds (then abort it), then stop the zygote, so no worker is left.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ..exiting import stop_with_exit_code
 from ..listening import ListenOptions, listening_service
 from .adapter import WorkerConfig, ZygoteRuntime
 from .board import Board
@@ -127,7 +127,7 @@ def makeService(options: Options) -> service.IService:
 
     if options["through-proxy"]:
         connector = ProxyConnector(reactor, board, key, (options["host"], options["port"]))
-        connector.fatal.addCallback(lambda _: _exit_after_stop(reactor, EXIT_DUPLICATE_KEY))
+        connector.fatal.addCallback(lambda _: stop_with_exit_code(reactor, EXIT_DUPLICATE_KEY))
         connector.setServiceParent(top)
         return top
 
@@ -163,15 +163,3 @@ def _worker_env() -> dict[str, str]:
         paths.append(root)
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
-
-
-def _exit_after_stop(reactor: Any, code: int) -> None:
-    """Stop the reactor, then exit with ``code`` (twistd itself always exits 0)."""
-
-    def leave() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-    reactor.addSystemEventTrigger("after", "shutdown", leave)
-    reactor.stop()
