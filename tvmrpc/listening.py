@@ -27,6 +27,14 @@ EXIT_CANNOT_LISTEN = 1
 log = Logger()
 
 
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 hosts in brackets) to a tuple; raise UsageError if bad."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise usage.UsageError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
 class ListenOptions(usage.Options):
     """The listening flags every daemon shares (mixed into each Options)."""
 

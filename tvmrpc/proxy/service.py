@@ -5,20 +5,12 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.python import usage
 
-from ..listening import ListeningService, ListenOptions, listening_service
+from ..listening import ListeningService, ListenOptions, listening_service, parse_hostport
 from .protocol import ProxyFactory
 from .switchboard import Switchboard
 
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 hosts in brackets) to a tuple; raise UsageError if bad."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise usage.UsageError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 class Options(ListenOptions):

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ..exiting import stop_with_exit_code
-from ..listening import ListenOptions, listening_service
+from ..listening import ListenOptions, listening_service, parse_hostport
 from .adapter import WorkerConfig, ZygoteRuntime
 from .board import Board
 from .handshake import HandshakeFactory
@@ -30,14 +30,6 @@ log = Logger(namespace="tvmrpc.server")
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
 EXIT_DUPLICATE_KEY = 2
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` → ``(host, port)``; raise UsageError otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise usage.UsageError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
 
 
 class Options(ListenOptions):
