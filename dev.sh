@@ -2,7 +2,7 @@
 # Entry point for a fresh machine: creates .venv with everything tvmrpc and its
 # tests need (once), then runs what you ask for.
 #   ./dev.sh demo   - tracker, proxy and servers, a stock client runs a compiled model
-#   ./dev.sh test   - the test suite (what CI runs)
+#   ./dev.sh test   - ruff, then the test suite (what CI runs)
 #   ./dev.sh bench  - side-by-side benchmarks against stock TVM
 #   ./dev.sh lint   - ruff
 set -euo pipefail
@@ -19,12 +19,13 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   touch "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
+lint() { ruff check tvmrpc twisted crossbuild tests bench; }
 cmd=${1:-test}
 shift || true
 case "$cmd" in
   demo)  exec tvmrpc demo "$@" ;;
-  test)  exec python -m pytest "$@" ;;
+  test)  lint && exec python -m pytest "$@" ;;
   bench) exec python -m bench "$@" ;;
-  lint)  exec ruff check tvmrpc twisted crossbuild tests bench ;;
+  lint)  lint ;;
   *) echo "usage: $0 {demo|test|bench|lint} [args]" >&2; exit 2 ;;
 esac
