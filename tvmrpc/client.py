@@ -26,8 +26,8 @@ from .codec import (
     TRACKER_MAGIC,
     CodecError,
     FrameDecoder,
+    MagicDecoder,
     TrackerCode,
-    decode_int32,
     encode_frame,
     encode_int32,
 )
@@ -45,7 +45,7 @@ class TrackerClientProtocol(Protocol):
 
     def __init__(self) -> None:
         self.ready: Deferred[TrackerClientProtocol] = Deferred()
-        self._magic_buffer = b""
+        self._magic = MagicDecoder()
         self._handshaken = False
         self._decoder = FrameDecoder()
         self._queue: collections.deque[tuple[bytes, Deferred[Any]]] = collections.deque()
@@ -62,11 +62,10 @@ class TrackerClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
         if not self._handshaken:
-            self._magic_buffer += data
-            if len(self._magic_buffer) < 4:
+            greeting = self._magic.feed(data)
+            if greeting is None:
                 return
-            magic = decode_int32(self._magic_buffer[:4])
-            data, self._magic_buffer = self._magic_buffer[4:], b""
+            magic, data = greeting
             if magic != TRACKER_MAGIC:
                 self._fail(TrackerError(f"peer answered magic {magic:#x}: not a TVM tracker"))
                 return

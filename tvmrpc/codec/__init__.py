@@ -14,7 +14,7 @@ from .constants import (
     TrackerCode,
 )
 from .errors import CodecError
-from .frames import FrameDecoder, decode_int32, encode_frame, encode_int32
+from .frames import FrameDecoder, MagicDecoder, decode_int32, encode_frame, encode_int32
 from .handshake import (
     HandshakeDecoder,
     PeerKey,
@@ -46,6 +46,7 @@ __all__ = [
     "CodecError",
     "FrameDecoder",
     "HandshakeDecoder",
+    "MagicDecoder",
     "PeerKey",
     "ReplyDecoder",
     "TrackerCode",

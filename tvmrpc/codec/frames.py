@@ -77,3 +77,24 @@ def _decode_json(payload: bytes) -> Any:
         return json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CodecError(f"frame is not UTF-8 JSON: {exc}") from None
+
+
+class MagicDecoder:
+    """Collects the int32 magic that opens a tracker connection (either side).
+
+    ``feed`` returns ``None`` until four bytes arrived, then ``(magic, rest)``
+    once, where ``rest`` is whatever followed the magic.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> tuple[int, bytes] | None:
+        self._buffer += data
+        if len(self._buffer) < 4:
+            return None
+        magic, rest = decode_int32(self._buffer[:4]), self._buffer[4:]
+        self._buffer = b""
+        return magic, rest

@@ -25,8 +25,8 @@ from ..codec import (
     TRACKER_MAGIC,
     CodecError,
     FrameDecoder,
+    MagicDecoder,
     TrackerCode,
-    decode_int32,
     encode_frame,
     encode_int32,
 )
@@ -54,7 +54,7 @@ class TrackerProtocol(Protocol):
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}
         self.peer_host = "?"
-        self._greeting = b""
+        self._greeting = MagicDecoder()
         self._greeted = False
         self._closing = False
         self._stop_requested = False
@@ -78,11 +78,10 @@ class TrackerProtocol(Protocol):
             return
         sockopts.quickack(self.transport)
         if not self._greeted:
-            self._greeting += data
-            if len(self._greeting) < 4:
+            greeting = self._greeting.feed(data)
+            if greeting is None:
                 return
-            magic = decode_int32(self._greeting[:4])
-            data, self._greeting = self._greeting[4:], b""
+            magic, data = greeting
             if magic != TRACKER_MAGIC:
                 self._reject(f"bad tracker magic {magic:#x}")
                 return
