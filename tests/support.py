@@ -229,3 +229,15 @@ def start_stock_server(
     proc.wait_for(rf"bind to 127\.0\.0\.1:{port}")
     proc.host, proc.port = "127.0.0.1", port  # type: ignore[attr-defined]
     return proc
+
+
+def stock_tracker_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A raw tracker connection opened the way the stock client opens it (stock ``base``)."""
+    import struct
+
+    from tvm.rpc import base
+
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+    assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+    return sock

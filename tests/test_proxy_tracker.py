@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import struct
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ from tvm import rpc
 from tvm.rpc import base
 
 from tests.proxy_support import start_proxied_server, start_proxy
-from tests.support import Daemon, running, start_tracker, subprocess_env
+from tests.support import Daemon, running, start_tracker, stock_tracker_socket, subprocess_env
 from tvmrpc.mlp import build_mlp, run_mlp
 
 pytestmark = pytest.mark.stock
@@ -93,9 +91,7 @@ def test_key_handed_out_but_unused_is_regenerated(log_dir):
         with running(start_proxied_server(log_dir, proxy, "lost")):
             first = proxy.wait_for(r"put (lost:\S+) at the tracker").group(1)
             # a client takes the key from the tracker and never comes
-            with socket.create_connection(("127.0.0.1", tracker.port), timeout=30) as sock:
-                sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-                assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+            with stock_tracker_socket(tracker.port) as sock:
                 base.sendjson(sock, [base.TrackerCode.REQUEST, "lost", "", 1])
                 assert base.recvjson(sock) == [0, ["127.0.0.1", proxy.port, first]]
             mark = proxy.mark()

@@ -10,7 +10,7 @@ from tvm import rpc
 from tvm.rpc import base
 
 from tests.server_support import handshake_bytes, raw_connect, start_server
-from tests.support import running, start_tracker
+from tests.support import running, start_tracker, stock_tracker_socket
 from tvmrpc.codec import RPC_CODE_MISMATCH
 
 pytestmark = pytest.mark.stock
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.stock
 
 def _request_without_connecting(tracker_port: int, key: str) -> list:
     """A REQUEST as the stock client sends it; returns ``[addr, port, matchkey]``."""
-    with socket.create_connection(("127.0.0.1", tracker_port), timeout=30) as sock:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
+    with stock_tracker_socket(tracker_port) as sock:
         base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
         code, resource = base.recvjson(sock)
     assert code == base.TrackerCode.SUCCESS

@@ -20,19 +20,12 @@ from tests.support import (
     running,
     start_stock_server,
     start_tracker,
+    stock_tracker_socket,
     subprocess_env,
 )
 from tvmrpc.mlp import build_mlp, run_mlp
 
 pytestmark = pytest.mark.stock
-
-
-def tracker_socket(port: int) -> socket.socket:
-    """A raw tracker connection that speaks the stock wire (stock ``base`` helpers)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-    assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
-    return sock
 
 
 def call(sock: socket.socket, value):
@@ -41,7 +34,7 @@ def call(sock: socket.socket, value):
 
 
 def summary(port: int) -> dict:
-    with tracker_socket(port) as sock:
+    with stock_tracker_socket(port) as sock:
         reply = call(sock, [base.TrackerCode.SUMMARY])
     assert reply[0] == 0
     return reply[1]
@@ -127,12 +120,12 @@ def test_priority_then_fifo_with_stock_wire(tracker):
     port = tracker.port
     clients = []
     for user, priority in [("low", 1), ("high-a", 5), ("mid", 3), ("high-b", 5)]:
-        sock = tracker_socket(port)
+        sock = stock_tracker_socket(port)
         base.sendjson(sock, [base.TrackerCode.REQUEST, "prio", user, priority])
         clients.append((user, sock))
         wait_until(lambda n=len(clients): summary(port)["queue_info"]["prio"]["pending"] == n,
                    f"{len(clients)} requests queued")
-    server = tracker_socket(port)
+    server = stock_tracker_socket(port)
     order = []
     remaining = dict(clients)
     for i in range(4):
@@ -162,13 +155,13 @@ def _readable(sock: socket.socket) -> bool:
 def test_gone_clients_and_servers_leave_the_queue(tracker, log_dir):
     """The two stock weaknesses: dead requests stay pending; PUTs without UPDATE_INFO stay."""
     port = tracker.port
-    waiting = tracker_socket(port)
+    waiting = stock_tracker_socket(port)
     base.sendjson(waiting, [base.TrackerCode.REQUEST, "gone", "u", 1])
     wait_until(lambda: summary(port)["queue_info"]["gone"]["pending"] == 1, "queued request")
     waiting.close()
     wait_until(lambda: summary(port)["queue_info"]["gone"]["pending"] == 0, "request dropped")
 
-    putter = tracker_socket(port)
+    putter = stock_tracker_socket(port)
     assert call(putter, [base.TrackerCode.PUT, "gone", [1234, "gone:1"], None]) == 0
     assert summary(port)["queue_info"]["gone"]["free"] == 1
     putter.close()
@@ -196,7 +189,7 @@ def test_bad_input_harms_nobody_else(tracker, log_dir, garbage):
     port = tracker.port
     with running(start_stock_server(log_dir, "steady", tracker=("127.0.0.1", port))):
         wait_until(lambda: summary(port)["queue_info"].get("steady", {}).get("free") == 1, "reg")
-        queued = tracker_socket(port)
+        queued = stock_tracker_socket(port)
         base.sendjson(queued, [base.TrackerCode.REQUEST, "nobody-serves-this", "u", 1])
         mark = tracker.mark()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as bad:
@@ -217,7 +210,7 @@ def test_bad_input_harms_nobody_else(tracker, log_dir, garbage):
 def test_stop_key(log_dir):
     tracker = start_tracker(log_dir, "--stop-key", "letmego", name="stoppable")
     with running(tracker):
-        with tracker_socket(tracker.port) as sock:
+        with stock_tracker_socket(tracker.port) as sock:
             assert call(sock, [base.TrackerCode.STOP, "nope"]) == -1
             assert call(sock, [base.TrackerCode.STOP, "letmego"]) == 0
         assert tracker.proc.wait(30) == 0
