@@ -26,6 +26,7 @@ from .handshake import (
     random_matchkey,
     split_matchkey,
 )
+from .keys import MAX_KEY_CHARS, BadKeyError, check_key, key_problem
 from .session import (
     RAW_STR_TYPE_INDEX_FFI,
     RAW_STR_TYPE_INDEX_LEGACY,
@@ -36,6 +37,7 @@ from .session import (
 __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_KEY_BYTES",
+    "MAX_KEY_CHARS",
     "RAW_STR_TYPE_INDEX_FFI",
     "RAW_STR_TYPE_INDEX_LEGACY",
     "RPC_CODE_DUPLICATE",
@@ -43,6 +45,7 @@ __all__ = [
     "RPC_CODE_SUCCESS",
     "RPC_MAGIC",
     "TRACKER_MAGIC",
+    "BadKeyError",
     "CodecError",
     "FrameDecoder",
     "HandshakeDecoder",
@@ -50,12 +53,14 @@ __all__ = [
     "PeerKey",
     "ReplyDecoder",
     "TrackerCode",
+    "check_key",
     "decode_int32",
     "encode_frame",
     "encode_handshake",
     "encode_int32",
     "encode_reply",
     "exception_packet",
+    "key_problem",
     "parse_key",
     "proxy_matchkey",
     "random_matchkey",
