@@ -1,6 +1,23 @@
 """tvmrpc: a Twisted implementation of Apache TVM's RPC tracker, proxy and server."""
 
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.egg_info import egg_info
+
+
+class EggInfoWithoutTwisted(egg_info):
+    """Write top_level.txt without ``twisted``: we ship one file in its plugin
+    directory, we do not own the package (tools that read top_level.txt would
+    otherwise think uninstalling tvmrpc removes Twisted)."""
+
+    def run(self) -> None:
+        super().run()
+        path = os.path.join(self.egg_info, "top_level.txt")
+        with open(path, encoding="utf-8") as handle:
+            names = [name for name in handle.read().split() if name != "twisted"]
+        self.write_file("top-level names", path, "\n".join(sorted(names)) + "\n")
+
 
 setup(
     name="tvmrpc",
@@ -46,6 +63,8 @@ setup(
             "tvmrpc-crossbuild = crossbuild.__main__:main",
         ]
     },
+    cmdclass={"egg_info": EggInfoWithoutTwisted},
+    license="Apache-2.0",
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
