@@ -1,24 +1,42 @@
 """A Deferred-based tracker client, used by the server, the proxy, the CLI and tests.
 
-Invariant: at most one call is on the wire per connection. The tracker
-answers a REQUEST only when a resource is free, and answers other calls at
-once, so pipelining would make replies ambiguous; later calls queue behind
-the one in flight. Cancelling an in-flight call closes the connection (the
-protocol has no other way to withdraw a REQUEST).
+Invariants:
+- At most one call is on the wire per connection. The tracker answers a
+  REQUEST only when a resource is free, and answers other calls at once, so
+  pipelining would make replies ambiguous; later calls queue behind the one
+  in flight. Cancelling an in-flight call closes the connection (the protocol
+  has no other way to withdraw a REQUEST).
+- A peer that answers the magic wrongly, closes before answering it, or (with
+  ``magic_timeout``) stays silent fails ``ready`` with :class:`NotATrackerError`,
+  whose message says "not a TVM tracker".
+- :class:`TrackerLink` keeps one connection up: every attempt is bounded by a
+  connect timeout and a magic timeout; failures are logged at warn on the
+  first one of a streak and then at most once per ``report_interval`` with the
+  retry delay; stopping it at any moment (connecting, waiting, connected)
+  fires its Deferred once the connection is closed, and raises nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application import service
+from twisted.application.internet import backoffPolicy
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import sockopts
@@ -31,20 +49,38 @@ from .codec import (
     encode_frame,
     encode_int32,
 )
+from .ratelimit import RateLimit
+
+log = Logger(namespace="tvmrpc.link")
 
 
 class TrackerError(Exception):
     """The peer is not a tracker, or the tracker refused a call."""
 
 
+class NotATrackerError(TrackerError):
+    """The peer accepted the connection but did not answer the TVM tracker magic."""
+
+
+#: Seconds an outgoing tracker link may take to connect, and then to answer the magic.
+CONNECT_TIMEOUT = 10.0
+MAGIC_TIMEOUT = 5.0
+
+
 class TrackerClientProtocol(Protocol):
     """The client side of a tracker connection.
 
-    ``ready`` fires with the protocol once the tracker has answered the magic.
+    ``ready`` fires with the protocol once the tracker has answered the magic;
+    with ``magic_timeout`` (seconds, and ``clock``) it fails with
+    :class:`NotATrackerError` if no answer came in time. Cancelling ``ready``
+    aborts the connection.
     """
 
-    def __init__(self) -> None:
-        self.ready: Deferred[TrackerClientProtocol] = Deferred()
+    def __init__(self, magic_timeout: float | None = None, clock: Any = None) -> None:
+        self.ready: Deferred[TrackerClientProtocol] = Deferred(self._cancel_ready)
+        self.magic_timeout = magic_timeout
+        self.clock = clock
+        self._magic_timer: Any = None
         self._magic = MagicDecoder()
         self._handshaken = False
         self._decoder = FrameDecoder()
@@ -58,6 +94,12 @@ class TrackerClientProtocol(Protocol):
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
         self.transport.write(encode_int32(TRACKER_MAGIC))
+        if self.magic_timeout is not None:
+            if self.clock is None:
+                from twisted.internet import reactor as clock
+            else:
+                clock = self.clock
+            self._magic_timer = clock.callLater(self.magic_timeout, self._no_magic)
 
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
@@ -67,8 +109,11 @@ class TrackerClientProtocol(Protocol):
                 return
             magic, data = greeting
             if magic != TRACKER_MAGIC:
-                self._fail(TrackerError(f"peer answered magic {magic:#x}: not a TVM tracker"))
+                shown = magic.to_bytes(4, "little", signed=True)
+                why = f"not a TVM tracker: it answered {shown!r} to the magic"
+                self._fail(NotATrackerError(why))
                 return
+            self._stop_magic_timer()
             self._handshaken = True
             self.ready.callback(self)
             self._send_next()
@@ -87,7 +132,15 @@ class TrackerClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closed = reason
+        self._stop_magic_timer()
         if not self.ready.called:
+            if self.transport is not None and not self._handshaken:
+                reason = Failure(
+                    NotATrackerError(
+                        "not a TVM tracker: it closed the connection without answering the "
+                        "magic (or it refused this connection)"
+                    )
+                )
             self.ready.errback(reason)
         pending = [self._in_flight] if self._in_flight is not None else []
         pending += [d for _, d in self._queue]
@@ -149,6 +202,24 @@ class TrackerClientProtocol(Protocol):
 
     # -- internals ------------------------------------------------------------
 
+    def _no_magic(self) -> None:
+        self._magic_timer = None
+        self._fail(
+            NotATrackerError(
+                f"not a TVM tracker: no answer to the magic within {self.magic_timeout:g} s"
+            )
+        )
+
+    def _stop_magic_timer(self) -> None:
+        if self._magic_timer is not None and self._magic_timer.active():
+            self._magic_timer.cancel()
+        self._magic_timer = None
+
+    def _cancel_ready(self, d: Deferred[Any]) -> None:
+        self._stop_magic_timer()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def _send_next(self) -> None:
         if self._in_flight is not None or not self._queue or not self._handshaken:
             return
@@ -203,28 +274,219 @@ class TrackerClientFactory(Factory):
 def connect_tracker(
     reactor: IReactorTCP, host: str, port: int, timeout: float = 10
 ) -> Deferred[TrackerClientProtocol]:
-    """Connect to a tracker; fires with a ready client protocol."""
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    """Connect to a tracker; fires with a ready client protocol.
+
+    ``host`` may be ``unix:PATH`` for a tracker listening on a UNIX socket
+    (``--listen unix:PATH``); ``port`` is then ignored.
+    """
+    endpoint: Any
+    if host.startswith("unix:"):
+        endpoint = UNIXClientEndpoint(reactor, host[len("unix:") :], timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     d = connectProtocol(endpoint, TrackerClientProtocol())
     return d.addCallback(lambda proto: proto.ready)
 
 
-class _NotifyingTrackerProtocol(TrackerClientProtocol):
-    """A tracker connection that reports its loss to ``factory.on_lost``."""
+class LinkState(enum.Enum):
+    """Where a :class:`TrackerLink` is in its life cycle."""
 
-    factory: _NotifyingFactory
+    STOPPED = "stopped"
+    CONNECTING = "connecting"  # TCP connect, magic and ``on_ready`` in progress
+    READY = "ready"
+    WAITING = "waiting"  # a retry is scheduled
+
+
+class _LinkProtocol(TrackerClientProtocol):
+    """A tracker connection that reports its loss to its :class:`TrackerLink`."""
+
+    link: TrackerLink
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         super().connectionLost(reason)
-        self.factory.on_lost(self)
+        self.link._connection_lost(self)
 
 
-class _NotifyingFactory(TrackerClientFactory):
-    protocol = _NotifyingTrackerProtocol
+class _LinkFactory(Factory):
     noisy = False
 
-    def __init__(self, on_lost: Callable[[TrackerClientProtocol], None]) -> None:
+    def __init__(self, link: TrackerLink) -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> _LinkProtocol:
+        proto = _LinkProtocol(self.link.magic_timeout, self.link.reactor)
+        proto.factory = self
+        proto.link = self.link
+        self.link._open = proto
+        return proto
+
+
+def describe_link_failure(failure: Failure, connect_timeout: float) -> str:
+    """What went wrong with a link attempt, as the end of a sentence about the target."""
+    exc = failure.value
+    if isinstance(exc, NotATrackerError):
+        return f"is {exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "is unreachable: connection refused"
+    if isinstance(exc, DNSLookupError):
+        return "is unreachable: cannot resolve the host name"
+    if isinstance(exc, (TimeoutError, defer.TimeoutError)):
+        return f"is unreachable: no answer to connect within {connect_timeout:g} s"
+    if isinstance(exc, TrackerError):
+        return f"refused us: {exc}"
+    return f"is unreachable: {exc or type(exc).__name__}"
+
+
+class TrackerLink(service.Service):
+    """Keeps one tracker connection up, reconnecting with backoff.
+
+    ``on_ready`` is called with each new connection once the tracker answered
+    the magic (it may return a Deferred; the connection counts as made when
+    that fires); ``on_lost`` with the same protocol object when a connection
+    that was ready closes. Used by the server and the proxy to stay
+    registered across tracker restarts.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        tracker: tuple[str, int],
+        on_ready: Callable[[TrackerClientProtocol], Any],
+        on_lost: Callable[[TrackerClientProtocol], None],
+        *,
+        initial_delay: float = 0.2,
+        max_delay: float = 5.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        magic_timeout: float = MAGIC_TIMEOUT,
+        report_interval: float = 60.0,
+        retry_policy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.tracker = tracker
+        self.on_ready = on_ready
         self.on_lost = on_lost
+        self.connect_timeout = connect_timeout
+        self.magic_timeout = magic_timeout
+        self.retry_policy = retry_policy or backoffPolicy(
+            initialDelay=initial_delay, maxDelay=max_delay
+        )
+        self.state = LinkState.STOPPED
+        self.failures = 0
+        self.ready_link: TrackerClientProtocol | None = None
+        self._report = RateLimit(report_interval)
+        self._attempt: Deferred[Any] | None = None
+        self._retry: Any = None
+        self._open: _LinkProtocol | None = None
+        self._closed_waiters: list[Deferred[None]] = []
+
+    @property
+    def target(self) -> str:
+        host, port = self.tracker
+        return f"tracker {host}:{port}"
+
+    # -- service events -----------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        if self.state is LinkState.STOPPED:
+            self._connect()
+
+    def stopService(self) -> Deferred[None]:
+        service.Service.stopService(self)
+        self.state = LinkState.STOPPED
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None and not attempt.called:
+            attempt.cancel()
+        self.ready_link = None
+        if self._open is None:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        self._open.transport.abortConnection()
+        return d
+
+    # -- connection events ----------------------------------------------------------
+
+    def _connect(self) -> None:
+        self.state = LinkState.CONNECTING
+        host, port = self.tracker
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        d = endpoint.connect(_LinkFactory(self))
+        d.addCallback(lambda proto: proto.ready)
+        d.addCallback(
+            lambda proto: defer.maybeDeferred(self.on_ready, proto).addCallback(lambda _: proto)
+        )
+        d.addCallbacks(self._ready, self._attempt_failed)
+        self._attempt = d
+
+    def _ready(self, proto: TrackerClientProtocol) -> None:
+        self._attempt = None
+        if self.state is not LinkState.CONNECTING:
+            return
+        self.state = LinkState.READY
+        self.ready_link = proto
+        if self.failures:
+            log.info(
+                "{target} answered after {n} failed attempts",
+                target=self.target,
+                n=self.failures,
+            )
+        self.failures = 0
+        self._report.reset()
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self._attempt = None
+        if self.state is not LinkState.CONNECTING:
+            return  # stopped meanwhile: the cancellation is expected
+        if self._open is not None:
+            self._open.transport.abortConnection()
+        self.failures += 1
+        delay = self.retry_policy(self.failures)
+        held = self._report.event(self.reactor.seconds())
+        if held is not None:
+            what = describe_link_failure(failure, self.connect_timeout)
+            if held == 0 and self.failures == 1:
+                log.warn(
+                    "{target} {what}; retrying in {delay:.1f} s "
+                    "(further failures are logged at most once a minute)",
+                    target=self.target,
+                    what=what,
+                    delay=delay,
+                )
+            else:
+                log.warn(
+                    "{target} still {what} ({n} failed attempts so far); retrying in {delay:.1f} s",
+                    target=self.target,
+                    what=what.removeprefix("is "),
+                    n=self.failures,
+                    delay=delay,
+                )
+        self._wait(delay)
+
+    def _connection_lost(self, proto: _LinkProtocol) -> None:
+        if proto is self._open:
+            self._open = None
+        if self.state is LinkState.STOPPED:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        if self.state is LinkState.READY and proto is self.ready_link:
+            self.ready_link = None
+            self.on_lost(proto)
+            self._wait(self.retry_policy(1))
+
+    def _wait(self, delay: float) -> None:
+        self.state = LinkState.WAITING
+        self._retry = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self.state is LinkState.WAITING:
+            self._connect()
 
 
 def tracker_link_service(
@@ -234,21 +496,8 @@ def tracker_link_service(
     on_lost: Callable[[TrackerClientProtocol], None],
     initial_delay: float = 0.2,
     max_delay: float = 5.0,
-) -> ClientService:
-    """A ``ClientService`` that keeps one tracker connection up, with backoff.
-
-    ``on_ready`` is called with each new connection once the tracker answered
-    the magic (it may return a Deferred; the connection counts as made when
-    that fires); ``on_lost`` with the same protocol object when it closes.
-    Used by the server and the proxy to stay registered across tracker restarts.
-    """
-    host, port = tracker
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
-    return ClientService(
-        endpoint,
-        _NotifyingFactory(on_lost),
-        retryPolicy=backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay),
-        clock=reactor,
-        # ClientService hands over a wrapper; ``ready`` fires with the real protocol.
-        prepareConnection=lambda wrapped: wrapped.ready.addCallback(on_ready),
+) -> TrackerLink:
+    """A :class:`TrackerLink` with the default timeouts (see there)."""
+    return TrackerLink(
+        reactor, tracker, on_ready, on_lost, initial_delay=initial_delay, max_delay=max_delay
     )

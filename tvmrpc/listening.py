@@ -2,9 +2,26 @@
 
 ``--host H --port P --port-end E`` binds the first free port in ``[P, E)``
 (stock behaviour); ``--listen ENDPOINT`` takes any Twisted server endpoint
-string (``tcp:9190:interface=127.0.0.1``, ``systemd:domain=INET:index=0``,
-``ssl:...``). Either way the bound address is logged as
-``<name> listening on <host>:<port>``, which tests and supervisors watch for.
+string (``tcp:9190:interface=127.0.0.1``, ``unix:/run/tvm/tracker.sock``,
+``systemd:domain=INET:index=0``, ``ssl:...``).
+
+Invariants:
+- The bound address is logged as ``<name> listening on <host>:<port>`` (or
+  ``<name> listening on unix:<path>``), which tests and supervisors watch for.
+- The range tried is what the flags say: neither flag gives the daemon's
+  stock default range; ``--port P`` alone tries only P; ``--port-end`` must
+  be above ``--port``. Landing on another port than the first one tried is
+  logged at warn, naming both ports.
+- Start-up failures (port or range in use, a bad endpoint string, an endpoint
+  whose optional dependency is missing) are one line and exit status 1: at
+  parse time as ``<daemon>: <message>`` on stderr, once running as an error
+  log line followed by :func:`~tvmrpc.exiting.stop_with_exit_code`.
+- With ``--max-connections-per-peer N`` (N > 0) a peer address holds at most
+  N connections at once on each port; the next one is closed as soon as it is
+  accepted, and refusals are logged at warn at most once a minute per port.
+  Counting happens in ``buildProtocol`` and at connection loss only: the data
+  path is untouched and the protocol object is the daemon's own, so a
+  transport can still be detached (the server's socket hand-off).
 """
 
 from __future__ import annotations
@@ -14,17 +31,31 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, ILoggingContext, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from . import sockopts
+from . import logfile, sockopts
 from .exiting import stop_with_exit_code
+from .ratelimit import RateLimit
 
 #: Exit status of a daemon that could not open its listening port.
 EXIT_CANNOT_LISTEN = 1
 
-log = Logger()
+#: Default of ``--max-connections-per-peer``: room for a proxy or a NAT with
+#: hundreds of boards behind one address, far below a typical fd limit of 1024+.
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 512
+
+log = Logger(namespace="tvmrpc.listening")
+
+
+class StartupError(SystemExit):
+    """A configuration the daemon cannot start with; prints one line, exits 1."""
+
+    def __init__(self, daemon: str, message: str) -> None:
+        super().__init__(f"{daemon}: {message}")
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -35,14 +66,67 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def port_range(
+    port: int | None, port_end: int | None, default_port: int, default_port_end: int
+) -> tuple[int, int]:
+    """The ``[first, end)`` range the flags ask for (see the module invariants)."""
+    if port is None and port_end is None:
+        return default_port, default_port_end
+    first = default_port if port is None else port
+    end = first + 1 if port_end is None else port_end
+    if end <= first:
+        raise usage.UsageError(f"--port-end ({end}) must be greater than --port ({first})")
+    return first, end
+
+
+def check_endpoint(daemon: str, flag: str, description: str) -> None:
+    """Parse an endpoint string without listening; raise StartupError if it cannot work."""
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        if description.startswith("ssl:") or missing in ("OpenSSL", "service_identity"):
+            fix = "pip install pyOpenSSL service-identity (or 'twisted[tls]')"
+            raise StartupError(
+                daemon, f"{flag} {description!r} needs TLS support, missing {missing}: {fix}"
+            ) from None
+        raise StartupError(
+            daemon, f"{flag} {description!r} needs the missing module {missing}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        raise StartupError(
+            daemon,
+            f"bad {flag} endpoint {description!r}: {exc or type(exc).__name__} "
+            "(examples: tcp:9190:interface=0.0.0.0, unix:/run/tvm.sock)",
+        ) from None
+
+
 class ListenOptions(usage.Options):
     """The listening flags every daemon shares (mixed into each Options)."""
 
+    optFlags = [
+        ["silent", None, "Log only warnings and errors (stock's --silent)."],
+    ]
     optParameters = [
         ["host", None, "0.0.0.0", "Address to bind to."],
-        ["port", None, None, "First port to try.", int],
+        [
+            "port",
+            None,
+            None,
+            "Port to listen on; without --port-end only this port is tried.",
+            int,
+        ],
         ["port-end", None, None, "End (exclusive) of the port range to try.", int],
         ["listen", None, None, "Twisted endpoint string; overrides host/port."],
+        [
+            "max-connections-per-peer",
+            None,
+            DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            "Connections one peer address may hold open at once on each port; 0 = unlimited.",
+            int,
+        ],
     ]
 
     def opt_dead_peer_timeout(self, value: str) -> None:
@@ -56,6 +140,24 @@ class ListenOptions(usage.Options):
             raise usage.UsageError("--dead-peer-timeout must be at least 4 seconds")
         sockopts.configure_dead_peer_timeout(seconds)
 
+    @property
+    def daemon_name(self) -> str:
+        """The plugin name (``tvm-tracker`` ...) for one-line start-up errors."""
+        parent = getattr(self, "parent", None)
+        return getattr(parent, "subCommand", None) or "tvmrpc"
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        super().parseOptions(options)
+        if self["max-connections-per-peer"] < 0:
+            raise usage.UsageError("--max-connections-per-peer must be 0 (unlimited) or more")
+        if self["port"] is not None and self["port-end"] is not None:
+            port_range(self["port"], self["port-end"], 0, 0)
+        if self["listen"]:
+            check_endpoint(self.daemon_name, "--listen", self["listen"])
+        parent = getattr(self, "parent", None)
+        if parent is not None:
+            logfile.configure(parent, silent=self["silent"])
+
 
 def bind_port_range(
     reactor: Any, factory: Any, host: str, port: int, port_end: int
@@ -67,7 +169,94 @@ def bind_port_range(
             return reactor.listenTCP(candidate, factory, interface=host, backlog=128)
         except error.CannotListenError as exc:
             last = exc
-    raise error.CannotListenError(host, port, f"no free port in [{port}, {port_end}): {last}")
+    tried = f"port {port}" if port_end <= port + 1 else f"ports {port}-{port_end - 1}"
+    reason = getattr(last, "socketError", None) or last
+    raise error.CannotListenError(host, port, f"{tried} on {host}: {reason}")
+
+
+def describe_address(address: Any) -> str:
+    """``host:port`` for IP addresses, ``unix:path`` for UNIX sockets."""
+    port = getattr(address, "port", None)
+    if port is not None:
+        return f"{address.host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)
+
+
+@implementer(IProtocolFactory, ILoggingContext)
+class PeerCap:
+    """Wraps a server factory: at most ``limit`` open connections per peer host.
+
+    Only ``buildProtocol`` and the protocol's ``connectionLost`` are touched;
+    the protocol returned is the wrapped factory's own object.
+    """
+
+    def __init__(self, factory: Any, limit: int, name: str, clock: Any) -> None:
+        self.factory = factory
+        self.limit = limit
+        self.name = name
+        self.clock = clock
+        self.open: dict[str, int] = {}
+        self._report = RateLimit(60.0)
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def logPrefix(self) -> str:
+        inner = getattr(self.factory, "logPrefix", None)
+        return inner() if inner is not None else type(self.factory).__name__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factory, name)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", None)
+        if host is None:  # UNIX sockets: one host, the local one
+            return self.factory.buildProtocol(addr)
+        count = self.open.get(host, 0)
+        if count >= self.limit:
+            self._refused(host)
+            return None
+        proto = self.factory.buildProtocol(addr)
+        if proto is None:
+            return None
+        self.open[host] = count + 1
+        lost = proto.connectionLost
+
+        def connection_lost(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return lost(*args, **kwargs)
+            finally:
+                self._release(host)
+
+        proto.connectionLost = connection_lost
+        return proto
+
+    def _release(self, host: str) -> None:
+        left = self.open.get(host, 1) - 1
+        if left > 0:
+            self.open[host] = left
+        else:
+            self.open.pop(host, None)
+
+    def _refused(self, host: str) -> None:
+        held = self._report.event(self.clock.seconds())
+        if held is None:
+            return
+        more = f"; {held} more refused since the last report" if held else ""
+        log.warn(
+            "{name} refused a connection from {host}: it already has {limit} open "
+            "(--max-connections-per-peer){more}",
+            name=self.name,
+            host=host,
+            limit=self.limit,
+            more=more,
+        )
 
 
 class ListeningService(service.Service):
@@ -87,6 +276,7 @@ class ListeningService(service.Service):
         host: str = "0.0.0.0",
         port: int = 9190,
         port_end: int | None = None,
+        max_per_peer: int = 0,
     ) -> None:
         self.reactor = reactor
         self.factory = factory
@@ -95,35 +285,72 @@ class ListeningService(service.Service):
         self.host = host
         self.first_port = port
         self.port_end = port_end if port_end is not None else port + 1
+        self.max_per_peer = max_per_peer
         self.port: IListeningPort | None = None
         self.bound: defer.Deferred[IListeningPort] = defer.Deferred()
 
+    def _listening_factory(self) -> Any:
+        if self.max_per_peer > 0:
+            return PeerCap(self.factory, self.max_per_peer, self.name, self.reactor)
+        return self.factory
+
     def startService(self) -> None:
         service.Service.startService(self)
+        factory = self._listening_factory()
         if self.listen:
-            d = serverFromString(self.reactor, self.listen).listen(self.factory)
+            try:
+                endpoint = serverFromString(self.reactor, self.listen)
+            except Exception as exc:  # noqa: BLE001 - checked at parse time; belt and braces
+                self._failed(Failure(exc))
+                return
+            d = endpoint.listen(factory)
             d.addCallback(self._listening)
             d.addErrback(self._failed)
-        else:
-            self._listening(
-                bind_port_range(
-                    self.reactor, self.factory, self.host, self.first_port, self.port_end
-                )
+            return
+        try:
+            port = bind_port_range(self.reactor, factory, self.host, self.first_port, self.port_end)
+        except error.CannotListenError as exc:
+            log.error(
+                "{name} cannot listen: {reason}; stop what holds it or choose another "
+                "--port/--port-end",
+                name=self.name,
+                reason=exc.socketError,
             )
+            self._give_up(Failure(exc))
+            return
+        self._listening(port)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
-        host = getattr(address, "host", None) or str(address)
-        log.info("{name} listening on {host}:{port}", name=self.name, host=host, port=address.port)
+        bound = getattr(address, "port", None)
+        if not self.listen and bound is not None and bound != self.first_port:
+            log.warn(
+                "{name}: port {first} is in use; took port {port} instead "
+                "(peers configured for {first} will not find us; "
+                "--port alone never moves to another port)",
+                name=self.name,
+                first=self.first_port,
+                port=bound,
+            )
+        log.info("{name} listening on {address}", name=self.name, address=describe_address(address))
         if not self.bound.called:
             self.bound.callback(port)
         return port
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("{name} cannot listen on {listen}", failure, name=self.name, listen=self.listen)
+    def _failed(self, failure: Failure) -> None:
+        log.error(
+            "{name} cannot listen on {listen}: {reason}",
+            name=self.name,
+            listen=self.listen,
+            reason=failure.getErrorMessage(),
+        )
+        self._give_up(failure)
+
+    def _give_up(self, failure: Failure) -> None:
         if not self.bound.called:
             self.bound.errback(failure)
+            self.bound.addErrback(lambda _: None)
         stop_with_exit_code(self.reactor, EXIT_CANNOT_LISTEN)
 
     def stopService(self) -> defer.Deferred[None] | None:
@@ -143,8 +370,9 @@ def listening_service(
     default_port_end: int = 9199,
 ) -> ListeningService:
     """Build a :class:`ListeningService` from :class:`ListenOptions` values (stock defaults)."""
-    port = options["port"] if options["port"] is not None else default_port
-    port_end = options["port-end"] if options["port-end"] is not None else default_port_end
+    port, port_end = port_range(
+        options["port"], options["port-end"], default_port, default_port_end
+    )
     return ListeningService(
         reactor,
         factory,
@@ -153,4 +381,5 @@ def listening_service(
         host=options["host"],
         port=port,
         port_end=port_end,
+        max_per_peer=options.get("max-connections-per-peer", 0),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -20,12 +21,28 @@ from .summary import format_query_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="tracker host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=9190, help="tracker port (default 9190)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("TVM_TRACKER_HOST") or "127.0.0.1",
+        help="tracker host (default $TVM_TRACKER_HOST, else 127.0.0.1; as stock's query)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env_port(),
+        help="tracker port (default $TVM_TRACKER_PORT, else 9190; as stock's query)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the tracker (default 10)"
     )
+
+
+def _env_port() -> int:
+    value = os.environ.get("TVM_TRACKER_PORT") or "9190"
+    if not value.isdigit():
+        raise SystemExit(f"tvmrpc query: TVM_TRACKER_PORT must be a port number, got {value!r}")
+    return int(value)
 
 
 async def fetch_summary(reactor: Any, host: str, port: int, timeout: float) -> dict[str, Any]:
@@ -72,8 +89,10 @@ def _report(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
     if "error" in outcome:
         exc = outcome["error"]
         message = str(exc) or type(exc).__name__
-        print(f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
-              file=sys.stderr)
+        print(
+            f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
+            file=sys.stderr,
+        )
         return 1
     summary = outcome["summary"]
     if args.json:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
-from ..listening import ListeningService, ListenOptions, listening_service, parse_hostport
+from ..listening import (
+    ListeningService,
+    ListenOptions,
+    StartupError,
+    check_endpoint,
+    listening_service,
+    parse_hostport,
+)
 from .protocol import ProxyFactory
 from .switchboard import Switchboard
+
+log = Logger(namespace="tvmrpc.proxy")
 
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
@@ -36,6 +46,7 @@ class Options(ListenOptions):
         ["tracker-period", None, 2.0, "Seconds between tracker pending-key checks.", float],
         ["alloc-timeout", None, 5.0, "Seconds a handed-out key may stay unused.", float],
         ["index-page", None, None, "HTML page served at / on the web port."],
+        ["example-rpc", None, None, "Accepted for stock compatibility and ignored (warn line)."],
     ]
 
     def __init__(self) -> None:
@@ -54,12 +65,37 @@ class Options(ListenOptions):
             self["tracker"] = parse_hostport(self["tracker"])
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
+        if self["web-port"] is not None or self["web-listen"]:
+            _check_websocket_extra()
+        if self["web-listen"]:
+            check_endpoint("tvm-proxy", "--web-listen", self["web-listen"])
+        if self["tracker"] and (self["listen"] or "").startswith("unix:"):
+            raise StartupError(
+                "tvm-proxy",
+                "--tracker needs a TCP port to advertise; a --listen unix: socket cannot be "
+                "handed to clients",
+            )
+
+
+def _check_websocket_extra() -> None:
+    """The web port needs autobahn: say so in one line (exit 1) instead of a traceback."""
+    try:
+        import autobahn.twisted.websocket  # noqa: F401
+    except ImportError:
+        raise StartupError(
+            "tvm-proxy", "--web-port needs the websocket extra: pip install 'tvmrpc[websocket]'"
+        ) from None
 
 
 def makeService(options: Options) -> service.IService:
     """Build the proxy service from parsed options."""
     from twisted.internet import reactor
 
+    if options["example-rpc"]:  # stock's type=bool: any non-empty value is true
+        log.warn(
+            "--example-rpc is accepted for stock compatibility and ignored: "
+            "serve your page with --index-page and --resource-files"
+        )
     tracker = options["tracker"]
     switchboard = Switchboard(
         reactor,
@@ -85,8 +121,9 @@ def makeService(options: Options) -> service.IService:
             listen=options["web-listen"],
             host=options["host"],
             port=options["web-port"] or 0,
+            max_per_peer=options["max-connections-per-peer"],
         )
-        web.bound.addCallback(lambda port: site.set_port(port.getHost().port))
+        web.bound.addCallback(lambda port: site.set_port(getattr(port.getHost(), "port", 0)))
         web.setServiceParent(top)
     if tracker:
         from .registrar import Registrar
