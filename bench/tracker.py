@@ -148,7 +148,10 @@ def main(flags: list[str]) -> int:
     table = Table("tracker (stock client wire, loopback)")
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        with running(start_stock_tracker(logs)) as stock, running(start_tracker(logs)) as ours:
+        with running(start_stock_tracker(logs)) as stock, running(
+            # Every bench connection comes from 127.0.0.1: lift the per-peer cap (default 512).
+            start_tracker(logs, "--max-connections-per-peer", "0")
+        ) as ours:
             ports = {"stock": stock.port, "ours": ours.port}
             measure = [
                 ("SUMMARY p50 (ms)", lambda p: summary_latency(p, n), "lower"),

@@ -1,0 +1,183 @@
+"""Plain-call tests of the ops pieces: rate limits, port ranges, the per-peer cap,
+the tracker link's states, and the log observer's SIGHUP reopen."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from twisted.internet import protocol
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python import logfile as twisted_logfile
+from twisted.python import usage
+
+from tvmrpc import logfile
+from tvmrpc.client import (
+    LinkState,
+    NotATrackerError,
+    TrackerClientProtocol,
+    TrackerLink,
+    describe_link_failure,
+)
+from tvmrpc.listening import PeerCap, describe_address, port_range
+from tvmrpc.ratelimit import RateLimit
+
+
+def test_rate_limit_first_then_once_per_interval_counting_held_events():
+    limit = RateLimit(60.0)
+    assert limit.event(0.0) == 0
+    assert [limit.event(t) for t in (1.0, 30.0, 59.9)] == [None, None, None]
+    assert limit.event(60.0) == 3
+    assert limit.event(61.0) is None
+    assert limit.reset() == 1
+    assert limit.event(62.0) == 0
+
+
+@pytest.mark.parametrize(
+    ("port", "end", "expected"),
+    [
+        (None, None, (9190, 9199)),  # stock's default range
+        (39190, None, (39190, 39191)),  # --port alone: that port only
+        (39190, 39200, (39190, 39200)),
+        (None, 9195, (9190, 9195)),
+    ],
+)
+def test_port_range_is_what_the_flags_say(port, end, expected):
+    assert port_range(port, end, 9190, 9199) == expected
+
+
+def test_port_end_below_port_is_a_usage_error():
+    with pytest.raises(usage.UsageError, match=r"--port-end \(5\) must be greater than --port"):
+        port_range(10, 5, 9190, 9199)
+
+
+def test_describe_address_tcp_and_unix():
+    assert describe_address(IPv4Address("TCP", "127.0.0.1", 9190)) == "127.0.0.1:9190"
+    assert describe_address(UNIXAddress(b"/run/t.sock")) == "unix:/run/t.sock"
+
+
+class Recording(protocol.Protocol):
+    lost = 0
+
+    def connectionLost(self, reason=None):
+        type(self).lost += 1
+
+
+def test_peer_cap_refuses_beyond_the_limit_and_accepts_after_a_close():
+    inner = protocol.Factory.forProtocol(Recording)
+    cap = PeerCap(inner, 2, "tvm-test", Clock())
+    addr = IPv4Address("TCP", "10.0.0.1", 5000)
+    first, second = cap.buildProtocol(addr), cap.buildProtocol(addr)
+    assert isinstance(first, Recording) and isinstance(second, Recording)  # the daemon's own
+    assert first.factory is inner
+    assert cap.buildProtocol(addr) is None  # the third is refused
+    assert isinstance(cap.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)), Recording)
+    first.connectionLost(None)
+    assert Recording.lost == 1  # the protocol's own connectionLost still runs
+    assert isinstance(cap.buildProtocol(addr), Recording)
+    assert cap.open == {"10.0.0.1": 2, "10.0.0.2": 1}
+    # UNIX peers carry no host: never capped.
+    assert all(cap.buildProtocol(UNIXAddress(None)) is not None for _ in range(5))
+
+
+def test_peer_cap_logs_refusals_rate_limited():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = Clock()
+        cap = PeerCap(protocol.Factory.forProtocol(Recording), 1, "tvm-test", clock)
+        addr = IPv4Address("TCP", "10.0.0.9", 1)
+        cap.buildProtocol(addr)
+        for _ in range(5):
+            assert cap.buildProtocol(addr) is None
+        clock.advance(61)
+        assert cap.buildProtocol(addr) is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    refusals = [e for e in events if "refused a connection" in e.get("log_format", "")]
+    assert len(refusals) == 2
+    assert all(e["log_level"] is LogLevel.warn for e in refusals)
+    assert refusals[0]["more"] == "" and "4 more refused" in refusals[1]["more"]
+
+
+def test_silent_peer_is_named_not_a_tracker_after_the_magic_timeout():
+    clock = Clock()
+    proto = TrackerClientProtocol(magic_timeout=5, clock=clock)
+    proto.makeConnection(StringTransport())
+    failures = []
+    proto.ready.addErrback(failures.append)
+    clock.advance(4.9)
+    assert not failures
+    clock.advance(0.2)
+    assert failures and failures[0].check(NotATrackerError)
+    assert "not a TVM tracker: no answer to the magic within 5 s" in str(failures[0].value)
+
+
+def test_wrong_magic_is_named_not_a_tracker():
+    proto = TrackerClientProtocol()
+    proto.makeConnection(StringTransport())
+    failures = []
+    proto.ready.addErrback(failures.append)
+    proto.dataReceived(b"HTTP/1.0 400 Bad Request\r\n")
+    assert "not a TVM tracker: it answered b'HTTP' to the magic" in str(failures[0].value)
+
+
+def test_describe_link_failure_wording():
+    from twisted.internet.error import ConnectionRefusedError, TimeoutError
+    from twisted.python.failure import Failure
+
+    assert describe_link_failure(Failure(ConnectionRefusedError()), 10) == (
+        "is unreachable: connection refused"
+    )
+    assert "no answer to connect within 10 s" in describe_link_failure(
+        Failure(TimeoutError()), 10
+    )
+
+
+def test_link_stop_while_waiting_is_clean():
+    clock = Clock()
+    link = TrackerLink(clock, ("127.0.0.1", 1), lambda p: None, lambda p: None)
+    link.state = LinkState.WAITING
+    link._retry = clock.callLater(5, link._retry_now)
+    d = link.stopService()
+    assert d.called and link.state is LinkState.STOPPED
+    clock.advance(10)
+    assert link.state is LinkState.STOPPED
+
+
+def test_sighup_reopens_the_log_file_at_its_path(tmp_path, monkeypatch):
+    path = tmp_path / "daemon.log"
+    monkeypatch.setattr(logfile, "current_file", twisted_logfile.LogFile.fromFullPath(str(path)))
+    logfile.current_file.write("before\n")
+    logfile.current_file.flush()
+    os.rename(path, tmp_path / "daemon.log.1")
+    logfile.reopen()
+    logfile.current_file.write("after\n")
+    logfile.current_file.flush()
+    assert path.read_text() == "after\n"
+    assert (tmp_path / "daemon.log.1").read_text() == "before\n"
+    logfile.current_file.close()
+
+
+def test_observer_installs_sighup_and_silent_filters_info(tmp_path, monkeypatch):
+    previous = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGUSR1)
+    options = {"logfile": str(tmp_path / "x.log"), "nodaemon": True, "logger": None}
+    logfile.configure(options, silent=True)
+    assert options["logger"] == "tvmrpc.logfile.observer"
+    try:
+        observer = logfile.observer()
+        assert signal.getsignal(signal.SIGHUP) is logfile._on_sighup
+        observer({"log_level": LogLevel.info, "log_format": "hidden", "log_time": 0, "log_namespace": "t"})
+        observer({"log_level": LogLevel.warn, "log_format": "shown", "log_time": 0, "log_namespace": "t"})
+        logfile.current_file.flush()
+        text = (tmp_path / "x.log").read_text()
+        assert "shown" in text and "hidden" not in text
+    finally:
+        signal.signal(signal.SIGHUP, previous[0])
+        signal.signal(signal.SIGUSR1, previous[1])
+        logfile.current_file.close()
+        monkeypatch.setattr(logfile, "current_file", None)
