@@ -57,8 +57,9 @@ def holding_port() -> socket.socket:
 def test_port_in_use_exits_1_with_one_line_naming_the_port(log_dir):
     with holding_port() as held:
         port = held.getsockname()[1]
-        daemon = Daemon("tvm-tracker", ["--host", "127.0.0.1", "--port", str(port)],
-                        log_dir / "busy.log")
+        daemon = Daemon(
+            "tvm-tracker", ["--host", "127.0.0.1", "--port", str(port)], log_dir / "busy.log"
+        )
         assert exits(daemon) == 1
     errors = error_lines(daemon.output)
     assert len(errors) == 1, daemon.output
@@ -74,8 +75,15 @@ def test_busy_first_port_is_a_warning_and_silent_hides_info(log_dir):
     """--silent (stock's flag): the warning about the moved port shows, info lines do not."""
     with holding_port() as held:
         port = held.getsockname()[1]
-        args = ["--silent", "--host", "127.0.0.1", "--port", str(port), "--port-end",
-                str(port + 20)]
+        args = [
+            "--silent",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 20),
+        ]
         with running(Daemon("tvm-tracker", args, log_dir / "moved.log")) as daemon:
             match = daemon.wait_for(
                 rf"#warn\] tvm-tracker: port {port} is in use; took port (\d+) instead"
@@ -156,7 +164,11 @@ def test_tracker_on_a_unix_socket_serves_our_query(log_dir, tmp_path):
             # ... and our query reads the tracker's state over it.
             out = subprocess.run(
                 [sys.executable, "-m", "tvmrpc.cli", "query", "--host", f"unix:{path}", "--json"],
-                capture_output=True, text=True, env=subprocess_env(), timeout=60, check=True,
+                capture_output=True,
+                text=True,
+                env=subprocess_env(),
+                timeout=60,
+                check=True,
             ).stdout
         assert '"unixboard"' in out and '"free": 1' in out
 
@@ -202,10 +214,20 @@ def test_query_honours_tvm_tracker_host_and_port_like_stock(log_dir):
             env = subprocess_env(
                 {"TVM_TRACKER_HOST": "127.0.0.1", "TVM_TRACKER_PORT": str(tracker.port)}
             )
-            ours = subprocess.run([sys.executable, "-m", "tvmrpc.cli", "query"], env=env,
-                                  capture_output=True, text=True, timeout=60)
-            stock = subprocess.run([sys.executable, "-m", "tvm.exec.query_rpc_tracker"],
-                                   env=env, capture_output=True, text=True, timeout=60)
+            ours = subprocess.run(
+                [sys.executable, "-m", "tvmrpc.cli", "query"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            stock = subprocess.run(
+                [sys.executable, "-m", "tvm.exec.query_rpc_tracker"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
     assert ours.returncode == 0, ours.stderr
     assert f"Tracker address 127.0.0.1:{tracker.port}" in ours.stdout
     assert "envboard" in ours.stdout
@@ -214,7 +236,8 @@ def test_query_honours_tvm_tracker_host_and_port_like_stock(log_dir):
 
 def test_port_end_not_above_port_is_refused(log_dir):
     port = free_port()
-    daemon = Daemon("tvm-tracker", ["--port", str(port), "--port-end", str(port)],
-                    log_dir / "range.log")
+    daemon = Daemon(
+        "tvm-tracker", ["--port", str(port), "--port-end", str(port)], log_dir / "range.log"
+    )
     assert exits(daemon) == 1
     assert f"--port-end ({port}) must be greater than --port ({port})" in daemon.output

@@ -133,9 +133,7 @@ def test_describe_link_failure_wording():
     assert describe_link_failure(Failure(ConnectionRefusedError()), 10) == (
         "is unreachable: connection refused"
     )
-    assert "no answer to connect within 10 s" in describe_link_failure(
-        Failure(TimeoutError()), 10
-    )
+    assert "no answer to connect within 10 s" in describe_link_failure(Failure(TimeoutError()), 10)
 
 
 def test_link_stop_while_waiting_is_clean():
@@ -171,8 +169,17 @@ def test_observer_installs_sighup_and_silent_filters_info(tmp_path, monkeypatch)
     try:
         observer = logfile.observer()
         assert signal.getsignal(signal.SIGHUP) is logfile._on_sighup
-        observer({"log_level": LogLevel.info, "log_format": "hidden", "log_time": 0, "log_namespace": "t"})
-        observer({"log_level": LogLevel.warn, "log_format": "shown", "log_time": 0, "log_namespace": "t"})
+        observer(
+            {
+                "log_level": LogLevel.info,
+                "log_format": "hidden",
+                "log_time": 0,
+                "log_namespace": "t",
+            }
+        )
+        observer(
+            {"log_level": LogLevel.warn, "log_format": "shown", "log_time": 0, "log_namespace": "t"}
+        )
         logfile.current_file.flush()
         text = (tmp_path / "x.log").read_text()
         assert "shown" in text and "hidden" not in text
