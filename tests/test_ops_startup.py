@@ -20,6 +20,7 @@ from tests.support import (
     Process,
     free_port,
     running,
+    start_tracker,
     stock_tracker_socket,
     subprocess_env,
 )
@@ -170,7 +171,8 @@ def test_tracker_on_a_unix_socket_serves_our_query(log_dir, tmp_path):
                 timeout=60,
                 check=True,
             ).stdout
-        assert '"unixboard"' in out and '"free": 1' in out
+        assert '"unixboard"' in out
+        assert '"free": 1' in out
 
 
 def test_proxy_on_a_unix_socket_pairs_and_forwards(log_dir, tmp_path):
@@ -201,33 +203,33 @@ def test_proxy_accepts_stock_example_rpc_with_a_warning(log_dir):
 
 
 def test_query_honours_tvm_tracker_host_and_port_like_stock(log_dir):
-    from tests.support import start_tracker
-
-    with running(start_tracker(log_dir)) as tracker:
-        with stock_tracker_socket(tracker.port) as board:
-            for frame in (
-                b'[5, {"key": "server:envboard", "addr": [null, 9090]}]',
-                b'[3, "envboard", [9090, "envboard:1"], null]',
-            ):
-                board.sendall(struct.pack("<i", len(frame)) + frame)
-                assert board.recv(100) == struct.pack("<i", 1) + b"0"
-            env = subprocess_env(
-                {"TVM_TRACKER_HOST": "127.0.0.1", "TVM_TRACKER_PORT": str(tracker.port)}
-            )
-            ours = subprocess.run(
-                [sys.executable, "-m", "tvmrpc.cli", "query"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            stock = subprocess.run(
-                [sys.executable, "-m", "tvm.exec.query_rpc_tracker"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+    with (
+        running(start_tracker(log_dir)) as tracker,
+        stock_tracker_socket(tracker.port) as board,
+    ):
+        for frame in (
+            b'[5, {"key": "server:envboard", "addr": [null, 9090]}]',
+            b'[3, "envboard", [9090, "envboard:1"], null]',
+        ):
+            board.sendall(struct.pack("<i", len(frame)) + frame)
+            assert board.recv(100) == struct.pack("<i", 1) + b"0"
+        env = subprocess_env(
+            {"TVM_TRACKER_HOST": "127.0.0.1", "TVM_TRACKER_PORT": str(tracker.port)}
+        )
+        ours = subprocess.run(
+            [sys.executable, "-m", "tvmrpc.cli", "query"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        stock = subprocess.run(
+            [sys.executable, "-m", "tvm.exec.query_rpc_tracker"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert ours.returncode == 0, ours.stderr
     assert f"Tracker address 127.0.0.1:{tracker.port}" in ours.stdout
     assert "envboard" in ours.stdout

@@ -72,7 +72,8 @@ def test_peer_cap_refuses_beyond_the_limit_and_accepts_after_a_close():
     cap = PeerCap(inner, 2, "tvm-test", Clock())
     addr = IPv4Address("TCP", "10.0.0.1", 5000)
     first, second = cap.buildProtocol(addr), cap.buildProtocol(addr)
-    assert isinstance(first, Recording) and isinstance(second, Recording)  # the daemon's own
+    assert isinstance(first, Recording)
+    assert isinstance(second, Recording)
     assert first.factory is inner
     assert cap.buildProtocol(addr) is None  # the third is refused
     assert isinstance(cap.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)), Recording)
@@ -101,7 +102,8 @@ def test_peer_cap_logs_refusals_rate_limited():
     refusals = [e for e in events if "refused a connection" in e.get("log_format", "")]
     assert len(refusals) == 2
     assert all(e["log_level"] is LogLevel.warn for e in refusals)
-    assert refusals[0]["more"] == "" and "4 more refused" in refusals[1]["more"]
+    assert refusals[0]["more"] == ""
+    assert "4 more refused" in refusals[1]["more"]
 
 
 def test_silent_peer_is_named_not_a_tracker_after_the_magic_timeout():
@@ -113,7 +115,8 @@ def test_silent_peer_is_named_not_a_tracker_after_the_magic_timeout():
     clock.advance(4.9)
     assert not failures
     clock.advance(0.2)
-    assert failures and failures[0].check(NotATrackerError)
+    assert failures
+    assert failures[0].check(NotATrackerError)
     assert "not a TVM tracker: no answer to the magic within 5 s" in str(failures[0].value)
 
 
@@ -142,7 +145,8 @@ def test_link_stop_while_waiting_is_clean():
     link.state = LinkState.WAITING
     link._retry = clock.callLater(5, link._retry_now)
     d = link.stopService()
-    assert d.called and link.state is LinkState.STOPPED
+    assert d.called
+    assert link.state is LinkState.STOPPED
     clock.advance(10)
     assert link.state is LinkState.STOPPED
 
@@ -182,7 +186,8 @@ def test_observer_installs_sighup_and_silent_filters_info(tmp_path, monkeypatch)
         )
         logfile.current_file.flush()
         text = (tmp_path / "x.log").read_text()
-        assert "shown" in text and "hidden" not in text
+        assert "shown" in text
+        assert "hidden" not in text
     finally:
         signal.signal(signal.SIGHUP, previous[0])
         signal.signal(signal.SIGUSR1, previous[1])
