@@ -11,9 +11,10 @@ from twisted.internet import protocol
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python import logfile as twisted_logfile
 from twisted.python import usage
+from zope.interface import implementer
 
 from tvmrpc import logfile
 from tvmrpc.client import (
@@ -193,3 +194,31 @@ def test_observer_installs_sighup_and_silent_filters_info(tmp_path, monkeypatch)
         signal.signal(signal.SIGUSR1, previous[1])
         logfile.current_file.close()
         monkeypatch.setattr(logfile, "current_file", None)
+
+
+RECORDED: list[dict] = []
+
+
+@implementer(ILogObserver)
+class _Recording:
+    def __call__(self, event: dict) -> None:
+        RECORDED.append(event)
+
+
+def recording_observer():
+    """A ``--logger`` factory, as tvmrpc.jsonlog.observer is (see test below)."""
+    return _Recording()
+
+
+def test_a_logger_given_to_twistd_is_kept_and_filtered_by_silent(monkeypatch):
+    previous = signal.getsignal(signal.SIGHUP)
+    options = {"logfile": "", "nodaemon": True, "logger": f"{__name__}.recording_observer"}
+    logfile.configure(options, silent=True)
+    try:
+        observer = logfile.observer()
+        observer({"log_level": LogLevel.info, "log_format": "hidden", "log_namespace": "t"})
+        observer({"log_level": LogLevel.error, "log_format": "shown", "log_namespace": "t"})
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert [e["log_format"] for e in RECORDED] == ["shown"]
+    assert logfile.current_file is None  # nothing to reopen: the given logger owns output

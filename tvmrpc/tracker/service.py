@@ -19,8 +19,9 @@ class Options(ListenOptions):
     synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT]"
     longdesc = (
         "Apache TVM RPC tracker. Stock TVM clients, servers and proxies use it "
-        "unchanged. Binds the first free port in [port, port-end) like stock, "
-        "or any Twisted endpoint given with --listen."
+        "unchanged. Binds the first free port in [port, port-end) like stock "
+        "(--port alone: only that port), or any Twisted endpoint given with "
+        "--listen (tcp:, unix:, systemd:, ssl:). SIGHUP reopens the --logfile."
     )
     optFlags = [
         ["verbose", "v", "Log every PUT, REQUEST and assignment."],
