@@ -26,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import service
@@ -79,12 +80,17 @@ def port_range(
     return first, end
 
 
+def endpoint_for(reactor: Any, description: str) -> Any:
+    """The server endpoint for a ``--listen`` string (the one place that parses them)."""
+    return serverFromString(reactor, description)
+
+
 def check_endpoint(daemon: str, flag: str, description: str) -> None:
     """Parse an endpoint string without listening; raise StartupError if it cannot work."""
     from twisted.internet import reactor
 
     try:
-        serverFromString(reactor, description)
+        endpoint_for(reactor, description)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         if description.startswith("ssl:") or missing in ("OpenSSL", "service_identity"):
@@ -96,6 +102,12 @@ def check_endpoint(daemon: str, flag: str, description: str) -> None:
             daemon, f"{flag} {description!r} needs the missing module {missing}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
+            raise StartupError(
+                daemon,
+                f"{flag} {description!r}: systemd passed no socket (LISTEN_FDS is not set); "
+                "start the daemon through its .socket unit, or listen with tcp:PORT",
+            ) from None
         raise StartupError(
             daemon,
             f"bad {flag} endpoint {description!r}: {exc or type(exc).__name__} "
@@ -299,7 +311,7 @@ class ListeningService(service.Service):
         factory = self._listening_factory()
         if self.listen:
             try:
-                endpoint = serverFromString(self.reactor, self.listen)
+                endpoint = endpoint_for(self.reactor, self.listen)
             except Exception as exc:  # noqa: BLE001 - checked at parse time; belt and braces
                 self._failed(Failure(exc))
                 return
