@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 import sys
 
 import pytest
 
 from tests.proxy_support import start_proxy
 from tests.server_support import start_server
-from tests.support import Daemon, Process, free_port, running
+from tests.support import Daemon, Process, free_port, running, subprocess_env
 
 pytestmark = pytest.mark.stock
 
@@ -137,3 +138,22 @@ def test_unreachable_tracker_warned_once_then_rate_limited(log_dir):
     print(f"{failed} failed attempts, {len(warnings)} warning line(s)")
     assert failed >= 5
     assert len(warnings) == 1, warnings
+
+
+def test_query_names_a_silent_socket_not_a_tvm_tracker():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "tvmrpc.cli", "query", "--port", str(port), "--timeout", "4"],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"tvmrpc query: cannot query tracker at 127.0.0.1:{port}: "
+        "not a TVM tracker: no answer to the magic within 2 s\n"
+    )

@@ -272,19 +272,25 @@ class TrackerClientFactory(Factory):
 
 
 def connect_tracker(
-    reactor: IReactorTCP, host: str, port: int, timeout: float = 10
+    reactor: IReactorTCP,
+    host: str,
+    port: int,
+    timeout: float = 10,
+    magic_timeout: float | None = MAGIC_TIMEOUT,
 ) -> Deferred[TrackerClientProtocol]:
     """Connect to a tracker; fires with a ready client protocol.
 
     ``host`` may be ``unix:PATH`` for a tracker listening on a UNIX socket
-    (``--listen unix:PATH``); ``port`` is then ignored.
+    (``--listen unix:PATH``); ``port`` is then ignored. A peer that does not
+    answer the magic within ``magic_timeout`` seconds fails with
+    :class:`NotATrackerError`.
     """
     endpoint: Any
     if host.startswith("unix:"):
         endpoint = UNIXClientEndpoint(reactor, host[len("unix:") :], timeout=timeout)
     else:
         endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    d = connectProtocol(endpoint, TrackerClientProtocol())
+    d = connectProtocol(endpoint, TrackerClientProtocol(magic_timeout, reactor))
     return d.addCallback(lambda proto: proto.ready)
 
 

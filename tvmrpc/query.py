@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectError, ConnectionLost
 
-from .client import TrackerError, connect_tracker
+from .client import MAGIC_TIMEOUT, TrackerError, connect_tracker
 from .codec import CodecError
 from .summary import format_query_output
 
@@ -49,7 +49,9 @@ async def fetch_summary(reactor: Any, host: str, port: int, timeout: float) -> d
     """Connect, ask for SUMMARY, close; fail with TrackerError on anything unexpected."""
 
     async def call() -> dict[str, Any]:
-        client = await connect_tracker(reactor, host, port, timeout=timeout)
+        # Half the time for the magic, so a non-tracker is named as such before the timeout.
+        magic_timeout = max(0.5, min(MAGIC_TIMEOUT, timeout / 2))
+        client = await connect_tracker(reactor, host, port, timeout, magic_timeout)
         try:
             summary = await client.summary()
         finally:
