@@ -222,3 +222,79 @@ def test_a_logger_given_to_twistd_is_kept_and_filtered_by_silent(monkeypatch):
         signal.signal(signal.SIGHUP, previous)
     assert [e["log_format"] for e in RECORDED] == ["shown"]
     assert logfile.current_file is None  # nothing to reopen: the given logger owns output
+
+
+class _Endpoint:
+    """A client endpoint whose connections fail (refused) or hang until cancelled."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.hang = hang
+        self.attempts = 0
+        self.pending: list = []
+
+    def connect(self, factory):
+        from twisted.internet import defer
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.attempts += 1
+        if self.hang:
+            d = defer.Deferred()
+            self.pending.append(d)
+            return d
+        return defer.fail(ConnectionRefusedError())
+
+
+def _link_events(run):
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [e for e in events if e.get("log_namespace") == "tvmrpc.link"]
+
+
+def test_unreachable_link_warns_once_then_once_a_minute_with_the_retry_delay():
+    clock, endpoint = Clock(), _Endpoint()
+    link = TrackerLink(
+        clock,
+        ("10.0.0.1", 9190),
+        lambda p: None,
+        lambda p: None,
+        retry_policy=lambda attempt: 2.0,
+        endpoint=endpoint,
+    )
+
+    def run():
+        link.startService()
+        clock.pump([1.0] * 119)  # two minutes of retries every 2 s
+
+    warnings = _link_events(run)
+    print(f"{endpoint.attempts} attempts, {len(warnings)} warning lines")
+    assert endpoint.attempts >= 59
+    assert [e["log_level"] for e in warnings] == [LogLevel.warn] * 2
+    first, later = warnings
+    assert first["what"] == "is unreachable: connection refused"
+    assert first["delay"] == 2.0
+    assert "further failures are logged at most once a minute" in first["log_format"]
+    assert "still" in later["log_format"]
+    assert later["n"] == 31  # 60 s after the first failure, at 2 s per attempt
+    assert link.state is LinkState.WAITING
+    link.stopService()
+    assert link.state is LinkState.STOPPED
+
+
+def test_stopping_a_link_while_connecting_cancels_quietly():
+    clock, endpoint = Clock(), _Endpoint(hang=True)
+    link = TrackerLink(clock, ("10.0.0.1", 9190), lambda p: None, lambda p: None, endpoint=endpoint)
+
+    def run():
+        link.startService()
+        assert link.state is LinkState.CONNECTING
+        d = link.stopService()
+        assert d.called
+        clock.advance(60)
+
+    assert _link_events(run) == []  # a cancelled attempt is no failure to report
+    assert endpoint.pending[0].called  # the attempt was cancelled
+    assert endpoint.attempts == 1

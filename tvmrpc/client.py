@@ -366,8 +366,12 @@ class TrackerLink(service.Service):
         magic_timeout: float = MAGIC_TIMEOUT,
         report_interval: float = 60.0,
         retry_policy: Callable[[int], float] | None = None,
+        endpoint: Any = None,
     ) -> None:
         self.reactor = reactor
+        self.endpoint = endpoint or HostnameEndpoint(
+            reactor, tracker[0], tracker[1], timeout=connect_timeout
+        )
         self.tracker = tracker
         self.on_ready = on_ready
         self.on_lost = on_lost
@@ -418,9 +422,7 @@ class TrackerLink(service.Service):
 
     def _connect(self) -> None:
         self.state = LinkState.CONNECTING
-        host, port = self.tracker
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        d = endpoint.connect(_LinkFactory(self))
+        d = self.endpoint.connect(_LinkFactory(self))
         d.addCallback(lambda proto: proto.ready)
         d.addCallback(
             lambda proto: defer.maybeDeferred(self.on_ready, proto).addCallback(lambda _: proto)
