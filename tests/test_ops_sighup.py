@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -79,15 +80,15 @@ def test_daemonized_tracker_survives_sighup(tmp_path):
     tail = Process(["tail", "-F", "-n", "+1", str(log_file)], tmp_path / "tail.out")
     with running(tail):
         launcher = Process(argv, tmp_path / "launcher.out", env=subprocess_env())
-        assert launcher.proc.wait(60) == 0  # the parent returns once the daemon started
-        port = int(tail.wait_for(LISTENING).group(2))
-        pid = int(pid_file.read_text())
         try:
-            import os
-
+            assert launcher.proc.wait(60) == 0  # the parent returns once the daemon started
+            port = int(tail.wait_for(LISTENING).group(2))
+            pid = int(pid_file.read_text())
             os.kill(pid, signal.SIGHUP)
             tail.wait_for(r"SIGHUP: reopened log file")
             assert rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"] == {}
+            assert pid_file.exists()  # still the running daemon's
         finally:
-            os.kill(pid, signal.SIGTERM)
+            if pid_file.exists():  # never leave the daemon behind, whatever failed
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
         tail.wait_for(r"Server Shut Down")

@@ -76,7 +76,11 @@ def test_peer_cap_refuses_beyond_the_limit_and_accepts_after_a_close():
     assert isinstance(first, Recording)
     assert isinstance(second, Recording)
     assert first.factory is inner
-    assert cap.buildProtocol(addr) is None  # the third is refused
+    refused = cap.buildProtocol(addr)  # the third is refused: aborted once made
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.disconnected  # aborted, not a graceful close
+    assert not isinstance(refused, Recording)
     assert isinstance(cap.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)), Recording)
     first.connectionLost(None)
     assert Recording.lost == 1  # the protocol's own connectionLost still runs
@@ -95,9 +99,9 @@ def test_peer_cap_logs_refusals_rate_limited():
         addr = IPv4Address("TCP", "10.0.0.9", 1)
         cap.buildProtocol(addr)
         for _ in range(5):
-            assert cap.buildProtocol(addr) is None
+            assert not isinstance(cap.buildProtocol(addr), Recording)
         clock.advance(61)
-        assert cap.buildProtocol(addr) is None
+        assert not isinstance(cap.buildProtocol(addr), Recording)
     finally:
         globalLogPublisher.removeObserver(events.append)
     refusals = [e for e in events if "refused a connection" in e.get("log_format", "")]

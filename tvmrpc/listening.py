@@ -17,8 +17,9 @@ Invariants:
   parse time as ``<daemon>: <message>`` on stderr, once running as an error
   log line followed by :func:`~tvmrpc.exiting.stop_with_exit_code`.
 - With ``--max-connections-per-peer N`` (N > 0) a peer address holds at most
-  N connections at once on each port; the next one is closed as soon as it is
-  accepted, and refusals are logged at warn at most once a minute per port.
+  N connections at once on each port; the next one is aborted as soon as it
+  is accepted (before anything it sent is read), and refusals are logged at
+  warn at most once a minute per port.
   Counting happens in ``buildProtocol`` and at connection loss only: the data
   path is untouched and the protocol object is the daemon's own, so a
   transport can still be detached (the server's socket hand-off).
@@ -33,6 +34,7 @@ from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, ILoggingContext, IProtocolFactory
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -197,6 +199,13 @@ def describe_address(address: Any) -> str:
     return str(address)
 
 
+class _Refused(Protocol):
+    """A connection over the per-peer cap: closed as soon as it is made."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
 @implementer(IProtocolFactory, ILoggingContext)
 class PeerCap:
     """Wraps a server factory: at most ``limit`` open connections per peer host.
@@ -233,7 +242,9 @@ class PeerCap:
         count = self.open.get(host, 0)
         if count >= self.limit:
             self._refused(host)
-            return None
+            # Not ``None``: wrapping factories (TLS) cannot wrap ``None``; this one
+            # aborts in connectionMade, before any byte is read.
+            return _Refused()
         proto = self.factory.buildProtocol(addr)
         if proto is None:
             return None
