@@ -10,6 +10,7 @@ import struct
 import pytest
 from tvm import rpc
 
+from tests.proxy_support import start_proxy
 from tests.server_support import start_server
 from tests.support import running, start_tracker, stock_tracker_socket
 
@@ -72,3 +73,26 @@ def test_server_hand_off_frees_the_slot(log_dir):
             gc.collect()  # a stock session closes when collected
             server.wait_for(r"session ended", start=mark)
         assert "refused a connection" not in server.output
+
+
+def closed_at_once(port: int) -> bool:
+    """True if the daemon closes a new connection (EOF or reset) before it says anything."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_proxy_caps_its_rpc_port_and_its_web_port(log_dir):
+    args = ("--max-connections-per-peer", "2", "--handshake-timeout", "120")
+    with running(start_proxy(log_dir, *args, web=True)) as proxy:
+        for port in (proxy.port, proxy.web_port):
+            held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+            try:
+                assert closed_at_once(port)
+            finally:
+                for sock in held:
+                    sock.close()
+        proxy.wait_for(r"#warn\] tvm-proxy refused a connection from 127\.0\.0\.1")
+        proxy.wait_for(r"#warn\] tvm-proxy web refused a connection from 127\.0\.0\.1")
