@@ -302,3 +302,21 @@ def test_stopping_a_link_while_connecting_cancels_quietly():
     assert _link_events(run) == []  # a cancelled attempt is no failure to report
     assert endpoint.pending[0].called  # the attempt was cancelled
     assert endpoint.attempts == 1
+
+
+@pytest.mark.parametrize("module", ["tracker", "proxy", "server"])
+def test_every_daemon_takes_the_shared_flags(module):
+    import importlib
+
+    options = importlib.import_module(f"tvmrpc.{module}.service").Options()
+    options.parseOptions(
+        ["--key", "k", "--silent", "--max-connections-per-peer", "0", "--port", "9300"]
+        if module == "server"
+        else ["--silent", "--max-connections-per-peer", "0", "--port", "9300"]
+    )
+    assert options["silent"]
+    assert options["max-connections-per-peer"] == 0
+    with pytest.raises(usage.UsageError, match="0 \\(unlimited\\) or more"):
+        importlib.import_module(f"tvmrpc.{module}.service").Options().parseOptions(
+            ["--max-connections-per-peer", "-1"] + (["--key", "k"] if module == "server" else [])
+        )
