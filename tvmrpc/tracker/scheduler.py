@@ -12,16 +12,23 @@ tracker uses its connections). Invariants:
 - A matchkey appears at most once among free resources: a PUT of a matchkey
   already free replaces the old entry.
 - An owner's pending matchkeys are those it PUT that are still free.
+- A free resource whose board (``addr:port``) the :class:`BoardRules` say is
+  not available (drained, quarantined) is kept but never handed out, and is
+  not counted as free; :meth:`Scheduler.rematch` hands it out once it is.
+- The order of waiting requests is the queue's (:mod:`.queues`): stock's
+  priority-then-FIFO by default, fair share across client hosts on request.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Hashable, Iterator
 from typing import Any
 
 import attrs
+
+from .boards import BoardRules
+from .queues import FairShare, PriorityFifo, RequestQueue
 
 
 @attrs.define(eq=False)
@@ -38,6 +45,16 @@ class Resource:
         """The REQUEST reply payload ``[addr, port, matchkey]``."""
         return [self.addr, self.port, self.matchkey]
 
+    @property
+    def board(self) -> str:
+        """The board's name for drains and quarantine: ``addr:port``."""
+        return board_name(self.addr, self.port)
+
+
+def board_name(addr: str, port: int) -> str:
+    """``addr:port``, with IPv6 addresses in brackets."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
 
 @attrs.define(eq=False)
 class Request:
@@ -48,6 +65,7 @@ class Request:
     priority: float
     seq: int
     owner: Hashable
+    host: str = ""
     live: bool = True
 
 
@@ -63,15 +81,20 @@ class Assignment:
 class _Queue:
     """The state of one key."""
 
+    waiting: RequestQueue
     free: dict[str, Resource] = attrs.Factory(dict)  # insertion order = FIFO
-    heap: list[tuple[float, int, Request]] = attrs.Factory(list)
-    pending: int = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
 
 
 class Scheduler:
     """Matches free resources with queued requests, per key."""
 
-    def __init__(self) -> None:
+    def __init__(self, fair_share: bool = False, rules: BoardRules | None = None) -> None:
+        self.fair_share = fair_share
+        self.rules = rules if rules is not None else BoardRules()
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
         # owner -> matchkey -> Resource (its free resources: the pending matchkeys)
@@ -97,27 +120,32 @@ class Scheduler:
         return self._match(key)
 
     def request(
-        self, key: str, user: str, priority: float, owner: Hashable
+        self, key: str, user: str, priority: float, owner: Hashable, host: str = ""
     ) -> tuple[Request, list[Assignment]]:
-        """Queue a request and match; the request may be served at once."""
-        request = Request(key=key, user=user, priority=priority, seq=next(self._seq), owner=owner)
+        """Queue a request from client ``host`` and match; it may be served at once."""
+        request = Request(
+            key=key, user=user, priority=priority, seq=next(self._seq), owner=owner, host=host
+        )
         queue = self._queue(key)
-        heapq.heappush(queue.heap, (-priority, request.seq, request))
-        queue.pending += 1
+        queue.waiting.push(request)
         self._requests.setdefault(owner, []).append(request)
         return request, self._match(key)
+
+    def rematch(self, key: str | None = None) -> list[Assignment]:
+        """Match again after the rules changed (a resume, a quarantine lifted)."""
+        keys = [key] if key is not None else list(self._queues)
+        assignments: list[Assignment] = []
+        for name in keys:
+            if name in self._queues:
+                assignments += self._match(name)
+        return assignments
 
     def drop_owner(self, owner: Hashable) -> None:
         """Forget an owner: cancel its requests and remove its free resources."""
         for request in self._requests.pop(owner, ()):
             if request.live:
                 request.live = False
-                queue = self._queues[request.key]
-                queue.pending -= 1
-                if len(queue.heap) > 2 * queue.pending + 64:
-                    # Cancelled entries are skipped lazily; compact before they pile up.
-                    queue.heap = [entry for entry in queue.heap if entry[2].live]
-                    heapq.heapify(queue.heap)
+                self._queues[request.key].waiting.cancel(request)
         for resource in list(self._owned.get(owner, {}).values()):
             self._discard(resource)
         self._owned.pop(owner, None)
@@ -137,11 +165,19 @@ class Scheduler:
         return list(self._owned.get(owner, ()))
 
     def queue_info(self) -> dict[str, dict[str, int]]:
-        """``{key: {"free": n, "pending": m}}`` for every key ever seen (as stock)."""
+        """``{key: {"free": n, "pending": m}}`` for every key ever seen (as stock).
+
+        ``free`` counts the resources that may be handed out now.
+        """
         return {
-            key: {"free": len(queue.free), "pending": queue.pending}
+            key: {"free": self._available_count(key, queue), "pending": queue.pending}
             for key, queue in self._queues.items()
         }
+
+    def _available_count(self, key: str, queue: _Queue) -> int:
+        if not (self.rules.drained_boards or self.rules.drained_keys or self.rules.quarantined):
+            return len(queue.free)
+        return sum(1 for r in queue.free.values() if self.rules.available(key, r.board))
 
     def free_resources(self, key: str) -> Iterator[Resource]:
         """The free resources of ``key``, oldest first."""
@@ -153,7 +189,8 @@ class Scheduler:
     def _queue(self, key: str) -> _Queue:
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _Queue()
+            waiting = FairShare() if self.fair_share else PriorityFifo()
+            queue = self._queues[key] = _Queue(waiting=waiting)
         return queue
 
     def _discard(self, resource: Resource) -> None:
@@ -164,18 +201,25 @@ class Scheduler:
         if self._by_matchkey.get(resource.matchkey) is resource:
             del self._by_matchkey[resource.matchkey]
 
+    def _first_available(self, key: str, queue: _Queue) -> Resource | None:
+        rules = self.rules
+        for resource in queue.free.values():
+            if rules.available(key, resource.board):
+                return resource
+        return None
+
     def _match(self, key: str) -> list[Assignment]:
         queue = self._queues[key]
         assignments = []
-        while queue.free and queue.heap:
-            _, _, request = heapq.heappop(queue.heap)
-            if not request.live:
-                continue
-            matchkey = next(iter(queue.free))
-            resource = queue.free[matchkey]
+        while queue.free and queue.pending:
+            resource = self._first_available(key, queue)
+            if resource is None:
+                break
+            request = queue.waiting.pop()
+            if request is None:
+                break
             self._discard(resource)
             request.live = False
-            queue.pending -= 1
             owned_requests = self._requests.get(request.owner)
             if owned_requests is not None:
                 owned_requests.remove(request)
