@@ -231,13 +231,20 @@ def start_stock_server(
     return proc
 
 
-def stock_tracker_socket(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A raw tracker connection opened the way the stock client opens it (stock ``base``)."""
+def stock_tracker_socket(
+    port: int, host: str = "127.0.0.1", source: str | None = None
+) -> socket.socket:
+    """A raw tracker connection opened the way the stock client opens it (stock ``base``).
+
+    ``source`` binds the client's end to that loopback address, so one test
+    can play several client hosts (127.0.0.1, 127.0.0.2, ...).
+    """
     import struct
 
     from tvm.rpc import base
 
-    sock = socket.create_connection((host, port), timeout=30)
+    source_address = (source, 0) if source is not None else None
+    sock = socket.create_connection((host, port), timeout=30, source_address=source_address)
     sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
     assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
     return sock

@@ -126,7 +126,7 @@ class TrackerProtocol(Protocol):
                     priority=command.priority,
                 )
             _, assignments = factory.scheduler.request(
-                command.key, command.user, command.priority, self
+                command.key, command.user, command.priority, self, host=self.peer_host
             )
             factory.deliver(assignments)
         elif isinstance(command, Put):
@@ -195,8 +195,9 @@ class TrackerFactory(Factory):
         on_stop: Callable[[], None] | None = None,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         verbose: bool = False,
+        scheduler: Scheduler | None = None,
     ) -> None:
-        self.scheduler = Scheduler()
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
         self.connections: dict[TrackerProtocol, None] = {}
         self.stop_key = stop_key
         self.on_stop = on_stop or (lambda: None)

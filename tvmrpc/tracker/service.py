@@ -7,7 +7,9 @@ from twisted.python import usage
 
 from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
+from .boards import BoardRules
 from .protocol import TrackerFactory
+from .scheduler import Scheduler
 
 DEFAULT_PORT = 9190
 DEFAULT_PORT_END = 9199
@@ -25,15 +27,30 @@ class Options(ListenOptions):
     )
     optFlags = [
         ["verbose", "v", "Log every PUT, REQUEST and assignment."],
+        [
+            "fair-share",
+            None,
+            "Among waiting requests of equal priority, serve client hosts round-robin "
+            "(default: stock's FIFO).",
+        ],
     ]
     optParameters = [
         ["stop-key", None, None, "Accept STOP requests carrying this key (default: refuse all)."],
         ["max-frame-bytes", None, MAX_FRAME_BYTES, "Largest request frame accepted.", int],
+        [
+            "quarantine-after",
+            None,
+            3,
+            "Stop handing out a board after this many consecutive failed sessions.",
+            int,
+        ],
     ]
 
     def postOptions(self) -> None:
         if self["max-frame-bytes"] < 64:
             raise usage.UsageError("--max-frame-bytes must be at least 64")
+        if self["quarantine-after"] < 1:
+            raise usage.UsageError("--quarantine-after must be at least 1")
 
 
 def makeService(options: Options) -> service.IService:
@@ -49,6 +66,10 @@ def makeService(options: Options) -> service.IService:
         on_stop=stop,
         max_frame_bytes=options["max-frame-bytes"],
         verbose=options["verbose"],
+        scheduler=Scheduler(
+            fair_share=options["fair-share"],
+            rules=BoardRules(quarantine_after=options["quarantine-after"]),
+        ),
     )
     top = service.MultiService()
     listener = listening_service(
