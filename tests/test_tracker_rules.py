@@ -209,3 +209,23 @@ def test_rules_against_a_naive_model(ops, fair):
         assert info["pending"] == len(waiting)
         assert info["free"] == len(available)
         assert not (available and waiting)  # nothing available is left idle while some wait
+
+
+def test_server_reports_count_each_session_once():
+    rules = BoardRules(quarantine_after=2)
+    crashed = {"sessions": 1, "last_session": {"outcome": "crashed"}}
+    assert rules.report("b:1", crashed) == ["crashed"]
+    assert rules.report("b:1", crashed) == []  # the same report again (a reconnect)
+    second = {"sessions": 2, "last_session": {"outcome": "crashed"}}
+    assert rules.report("b:1", second) == ["crashed"]
+    assert rules.state("k", "b:1") is BoardState.QUARANTINED
+    failed_check = {**second, "health": {"checks": 1, "ok": False}}
+    assert rules.report("b:1", failed_check) == ["health_failed"]
+    assert rules.state("k", "b:1") is BoardState.QUARANTINED
+    passed = {**second, "health": {"checks": 2, "ok": True}}
+    assert rules.report("b:1", passed) == ["health_ok"]
+    assert rules.available("k", "b:1")
+    # a restarted server counts from zero again; its first session is new
+    assert rules.report("b:1", {"sessions": 1, "last_session": {"outcome": "ok"}}) == ["ok"]
+    assert rules.report("b:1", "junk") == []
+    assert rules.report("b:1", {"sessions": "many", "health": []}) == []

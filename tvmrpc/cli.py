@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS = {
     "query": ("tvmrpc.query", "print a tracker's server list and queue status"),
     "demo": ("tvmrpc.demo", "tracker, proxy and servers; a stock client runs a compiled model"),
+    "drain": ("tvmrpc.labctl", "stop handing out a board (or a key) for maintenance"),
+    "resume": ("tvmrpc.labctl", "hand a drained or quarantined board out again"),
 }
 
 

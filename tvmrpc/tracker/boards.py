@@ -15,6 +15,9 @@ Invariants:
 - A quarantined board returns after a passing health check it reports
   (``"health_ok"``) or when an operator resumes it.
 - At most :data:`KEPT_FAILURES` recent failures are kept per board.
+- A server's report (the ``"tvmrpc"`` field of its UPDATE_INFO, see
+  :meth:`BoardRules.report`) counts each session and each health check once,
+  however often the same report is sent again (reconnects re-send it).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class BoardRules:
     quarantined: set[str] = attrs.Factory(set)
     _streaks: dict[str, int] = attrs.Factory(dict)
     _failures: dict[str, collections.deque[str]] = attrs.Factory(dict)
+    _seen: dict[str, tuple[int, int]] = attrs.Factory(dict)  # board -> (sessions, checks)
 
     # -- operator ------------------------------------------------------------
 
@@ -89,6 +93,35 @@ class BoardRules:
                 self.quarantined.discard(board)
         return False
 
+    def report(self, board: str, report: object) -> list[str]:
+        """Count what a server reports about itself; return the outcomes counted.
+
+        ``report`` is the UPDATE_INFO ``"tvmrpc"`` field of our servers:
+        ``{"sessions": n, "last_session": {"outcome": o}, "health": {"checks": m,
+        "ok": bool}}``, where ``n`` and ``m`` count since the server started.
+        A count that went down means the server restarted: counted afresh.
+        """
+        if not isinstance(report, dict):
+            return []
+        sessions = _count(report.get("sessions"))
+        health = report.get("health") if isinstance(report.get("health"), dict) else {}
+        checks = _count(health.get("checks"))
+        seen_sessions, seen_checks = self._seen.get(board, (0, 0))
+        counted = []
+        last = report.get("last_session")
+        new_session = sessions is not None and sessions != seen_sessions and sessions > 0
+        if new_session and isinstance(last, dict) and isinstance(last.get("outcome"), str):
+            counted.append(last["outcome"])
+        if checks is not None and checks != seen_checks and checks > 0:
+            counted.append("health_ok" if health.get("ok") is True else "health_failed")
+        self._seen[board] = (
+            sessions if sessions is not None else seen_sessions,
+            checks if checks is not None else seen_checks,
+        )
+        for outcome in counted:
+            self.record(board, outcome)
+        return counted
+
     # -- queries ---------------------------------------------------------------
 
     def state(self, key: str, board: str) -> BoardState:
@@ -109,3 +142,7 @@ class BoardRules:
     def streak(self, board: str) -> int:
         """Consecutive failed sessions of ``board`` so far."""
         return self._streaks.get(board, 0)
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

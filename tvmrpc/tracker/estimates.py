@@ -45,3 +45,40 @@ class WaitEstimator:
 
     def forget(self, key: str) -> None:
         self._holds.pop(key, None)
+
+
+@attrs.define
+class Hold:
+    """A board handed to a client: which key, since when."""
+
+    key: str
+    board: str
+    since: float
+
+
+@attrs.define
+class HoldTracker:
+    """Boards now held by clients, by the connection that PUT them.
+
+    A hold starts when the tracker hands a board's resource to a client and
+    ends when the same server connection PUTs again (the board is free once
+    more) or closes. At most one hold per server connection: the board serves
+    one session at a time.
+    """
+
+    _holds: dict[object, Hold] = attrs.Factory(dict)
+
+    def start(self, owner: object, key: str, board: str, now: float) -> None:
+        self._holds[owner] = Hold(key=key, board=board, since=now)
+
+    def end(self, owner: object, now: float) -> tuple[Hold, float] | None:
+        """End ``owner``'s hold, if any: the hold and how long it lasted."""
+        hold = self._holds.pop(owner, None)
+        return None if hold is None else (hold, max(0.0, now - hold.since))
+
+    def busy(self, key: str) -> int:
+        """How many boards of ``key`` are held now."""
+        return sum(1 for hold in self._holds.values() if hold.key == key)
+
+    def held(self) -> list[Hold]:
+        return list(self._holds.values())

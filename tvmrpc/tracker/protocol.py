@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +31,7 @@ from ..codec import (
     encode_frame,
     encode_int32,
 )
+from .boards import BoardState
 from .commands import (
     CommandError,
     GetPendingMatchkeys,
@@ -41,7 +43,8 @@ from .commands import (
     UpdateInfo,
     parse_command,
 )
-from .scheduler import Assignment, Scheduler
+from .estimates import HoldTracker, WaitEstimator
+from .scheduler import Assignment, Scheduler, board_name
 
 log = Logger(namespace="tvmrpc.tracker")
 
@@ -140,6 +143,7 @@ class TrackerProtocol(Protocol):
                     addr=addr,
                     port=command.port,
                 )
+            factory.board_free_again(self)
             assignments = factory.scheduler.put(
                 command.key, addr, command.port, command.matchkey, self
             )
@@ -160,6 +164,7 @@ class TrackerProtocol(Protocol):
             if str(info.get("key", "")).startswith("server"):
                 log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
             self.reply(TrackerCode.SUCCESS)
+            factory.server_report(self)
         elif isinstance(command, Stop):
             if factory.stop_key is not None and command.stop_key == factory.stop_key:
                 log.info("stop requested by {host}", host=self.peer_host)
@@ -196,8 +201,14 @@ class TrackerFactory(Factory):
         max_frame_bytes: int = MAX_FRAME_BYTES,
         verbose: bool = False,
         scheduler: Scheduler | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock = clock
         self.scheduler = scheduler if scheduler is not None else Scheduler()
+        self.holds = HoldTracker()
+        self.waits = WaitEstimator()
         self.connections: dict[TrackerProtocol, None] = {}
         self.stop_key = stop_key
         self.on_stop = on_stop or (lambda: None)
@@ -208,11 +219,54 @@ class TrackerFactory(Factory):
         """Drop a connection's requests and resources (idempotent)."""
         if self.connections.pop(conn, False) is not False:
             self.scheduler.drop_owner(conn)
+            self.board_free_again(conn)
+
+    def board_free_again(self, conn: TrackerProtocol) -> None:
+        """``conn``'s board is free again (it PUT) or gone: its hold, if any, ended."""
+        ended = self.holds.end(conn, self.clock.seconds())
+        if ended is not None:
+            hold, seconds = ended
+            self.waits.record(hold.key, seconds)
+
+    def server_report(self, conn: TrackerProtocol) -> None:
+        """Count the session outcomes and health checks our servers report."""
+        report = conn.info.get("tvmrpc")
+        addr = conn.info.get("addr")
+        if report is None or not (isinstance(addr, list) and len(addr) == 2):
+            return
+        board = board_name(str(addr[0]), addr[1])
+        rules = self.scheduler.rules
+        was = rules.state("", board)
+        counted = rules.report(board, report)
+        now = rules.state("", board)
+        if counted and now is not was:
+            if now is BoardState.QUARANTINED:
+                log.warn(
+                    "board {board} quarantined after {n} failed sessions in a row ({failures}); "
+                    "it returns after a passing health check or `tvmrpc resume`",
+                    board=board,
+                    n=rules.quarantine_after,
+                    failures=", ".join(rules.failures(board)),
+                )
+            elif was is BoardState.QUARANTINED:
+                log.info("board {board} passed its health check: back in service", board=board)
+                self.deliver(self.scheduler.rematch())
+
+    def expected_waits(self) -> dict[str, float | None]:
+        """Each key's expected wait for a request joining the back of its queue now."""
+        waits = {}
+        for key, queue in self.scheduler.queue_info().items():
+            busy = self.holds.busy(key)
+            waits[key] = self.waits.expected_wait(key, queue["pending"], queue["free"], busy)
+        return waits
 
     def deliver(self, assignments: list[Assignment]) -> None:
         """Send each assigned resource to the connection that requested it."""
+        now = self.clock.seconds()
         for assignment in assignments:
             conn = assignment.request.owner
+            resource = assignment.resource
+            self.holds.start(resource.owner, resource.key, resource.board, now)
             if self.verbose:
                 log.info(
                     "assigned {matchkey} to {host}",
