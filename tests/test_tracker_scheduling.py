@@ -6,11 +6,13 @@ Requests and PUTs are sent exactly as stock clients and servers send them
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tvm.rpc import base
 
-from tests.support import running, start_tracker, stock_tracker_socket
-from tests.test_tracker_interop import _readable, call, summary, wait_until
+from tests.support import running, start_stock_tracker, start_tracker, stock_tracker_socket
+from tests.test_tracker_interop import _readable, call, query, summary, wait_until
 
 pytestmark = pytest.mark.stock
 
@@ -63,3 +65,47 @@ def test_without_fair_share_stock_order_exactly(log_dir):
     with running(start_tracker(log_dir)) as tracker:
         order = _serve_order(tracker.port, _bulk_then_one(5), assignments=6)
     assert order == ["bulk0", "bulk1", "bulk2", "bulk3", "bulk4", "dev"]
+
+
+def _query_json(port: int) -> dict:
+    result = query("--port", str(port), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_query_json_gives_expected_waits_from_hold_times(log_dir):
+    with running(start_tracker(log_dir)) as tracker:
+        port = tracker.port
+        board = stock_tracker_socket(port)
+        clients = []
+        try:
+            assert call(board, [base.TrackerCode.PUT, "wait", [9000, "wait:0"], None]) == 0
+            first = stock_tracker_socket(port)
+            assert call(first, [base.TrackerCode.REQUEST, "wait", "a", 1])[0] == 0
+            second = stock_tracker_socket(port)
+            base.sendjson(second, [base.TrackerCode.REQUEST, "wait", "b", 1])
+            clients += [first, second]
+            wait_until(lambda: summary(port)["queue_info"]["wait"]["pending"] == 1, "b queued")
+            unknown = _query_json(port)
+            assert unknown["tvmrpc"]["expected_wait_seconds"] == {"wait": None}  # no hold seen
+            # the board is free again: its first hold ends and b is served at once
+            assert call(board, [base.TrackerCode.PUT, "wait", [9000, "wait:1"], None]) == 0
+            assert base.recvjson(second)[1][2] == "wait:1"
+            third = stock_tracker_socket(port)
+            base.sendjson(third, [base.TrackerCode.REQUEST, "wait", "c", 1])
+            clients.append(third)
+            wait_until(lambda: summary(port)["queue_info"]["wait"]["pending"] == 1, "c queued")
+            estimate = _query_json(port)["tvmrpc"]["expected_wait_seconds"]["wait"]
+            print(f"expected wait for a new request behind one queued and one busy: {estimate} s")
+            assert isinstance(estimate, float)
+            assert estimate > 0
+        finally:
+            board.close()
+            for sock in clients:
+                sock.close()
+
+
+def test_stock_tracker_answers_our_extended_summary_as_a_plain_one(log_dir):
+    with running(start_stock_tracker(log_dir)) as stock:
+        summary_json = _query_json(stock.port)
+    assert set(summary_json) == {"queue_info", "server_info"}

@@ -187,9 +187,16 @@ class TrackerClientProtocol(Protocol):
         d = self.call([TrackerCode.REQUEST, key, user, priority])
         return d.addCallback(_expect_success_value, "REQUEST")
 
-    def summary(self) -> Deferred[dict[str, Any]]:
-        """SUMMARY; fires with ``{"queue_info": ..., "server_info": ...}``."""
-        return self.call([TrackerCode.SUMMARY]).addCallback(_expect_success_value, "SUMMARY")
+    def summary(self, extended: bool = False) -> Deferred[dict[str, Any]]:
+        """SUMMARY; fires with ``{"queue_info": ..., "server_info": ...}``.
+
+        ``extended`` asks our tracker for its ``"tvmrpc"`` field too (expected
+        waits); a stock tracker ignores the request's extra element.
+        """
+        request: list[Any] = [TrackerCode.SUMMARY]
+        if extended:
+            request.append({"tvmrpc": 1})
+        return self.call(request).addCallback(_expect_success_value, "SUMMARY")
 
     def pending_matchkeys(self) -> Deferred[list[str]]:
         """GET_PENDING_MATCHKEYS; fires with this connection's unassigned match keys."""

@@ -1,7 +1,8 @@
 """``tvmrpc query``: print a tracker's summary as stock ``query_rpc_tracker`` does.
 
 The text output is byte-for-byte what ``python -m tvm.exec.query_rpc_tracker``
-prints for the same tracker state; ``--json`` prints the raw summary instead.
+prints for the same tracker state; ``--json`` prints the raw summary instead, with our tracker's
+``"tvmrpc"`` field (each key's expected wait) when the tracker is ours.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def _env_port() -> int:
     return int(value)
 
 
-async def fetch_summary(reactor: Any, host: str, port: int, timeout: float) -> dict[str, Any]:
+async def fetch_summary(
+    reactor: Any, host: str, port: int, timeout: float, extended: bool = False
+) -> dict[str, Any]:
     """Connect, ask for SUMMARY, close; fail with TrackerError on anything unexpected."""
 
     async def call() -> dict[str, Any]:
@@ -53,7 +56,7 @@ async def fetch_summary(reactor: Any, host: str, port: int, timeout: float) -> d
         magic_timeout = max(0.5, min(MAGIC_TIMEOUT, timeout / 2))
         client = await connect_tracker(reactor, host, port, timeout, magic_timeout)
         try:
-            summary = await client.summary()
+            summary = await client.summary(extended)
         finally:
             client.close()
         if not isinstance(summary, dict) or "queue_info" not in summary:
@@ -76,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     async def main(reactor: Any) -> None:
         try:
-            outcome["summary"] = await fetch_summary(reactor, args.host, args.port, args.timeout)
+            outcome["summary"] = await fetch_summary(
+                reactor, args.host, args.port, args.timeout, extended=args.json
+            )
         except Exception as exc:  # noqa: BLE001 - reported as one line below
             outcome["error"] = exc
 

@@ -50,7 +50,9 @@ class UpdateInfo:
 
 @attrs.frozen
 class Summary:
-    pass
+    """SUMMARY; ``extended`` when the client asked for our extra fields."""
+
+    extended: bool = False
 
 
 @attrs.frozen
@@ -124,8 +126,11 @@ def parse_command(value: Any) -> Command:
             raise CommandError(f"UPDATE_INFO addr must be [host, port], got {addr!r:.80}")
         return UpdateInfo(info)
     if code == TrackerCode.SUMMARY:
-        _arity(value, 1)
-        return Summary()
+        _arity(value, 1, 2)
+        options = value[1] if len(value) == 2 else {}
+        if not isinstance(options, dict):
+            raise CommandError(f"SUMMARY options must be an object, got {options!r:.80}")
+        return Summary(extended=bool(options.get("tvmrpc")))
     if code == TrackerCode.GET_PENDING_MATCHKEYS:
         _arity(value, 1)
         return GetPendingMatchkeys()

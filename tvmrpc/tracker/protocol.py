@@ -154,7 +154,7 @@ class TrackerProtocol(Protocol):
         elif isinstance(command, GetPendingMatchkeys):
             self.reply(factory.scheduler.pending_matchkeys(self))
         elif isinstance(command, Summary):
-            self.reply([TrackerCode.SUCCESS, factory.summary()])
+            self.reply([TrackerCode.SUCCESS, factory.summary(command.extended)])
         elif isinstance(command, UpdateInfo):
             info = dict(command.info)
             addr = info.get("addr")
@@ -275,11 +275,19 @@ class TrackerFactory(Factory):
                 )
             conn.reply([TrackerCode.SUCCESS, assignment.resource.value()])
 
-    def summary(self) -> dict[str, Any]:
-        """The SUMMARY payload, shaped exactly as stock's."""
+    def summary(self, extended: bool = False) -> dict[str, Any]:
+        """The SUMMARY payload, shaped exactly as stock's.
+
+        ``extended`` (asked for by ``[6, {"tvmrpc": 1}]``, which stock
+        trackers answer as a plain SUMMARY) adds our ``"tvmrpc"`` field:
+        each key's expected wait in seconds (``null`` while unknown).
+        """
         servers = [
             conn.info
             for conn in self.connections
             if str(conn.info.get("key", "")).startswith("server")
         ]
-        return {"queue_info": self.scheduler.queue_info(), "server_info": servers}
+        summary = {"queue_info": self.scheduler.queue_info(), "server_info": servers}
+        if extended:
+            summary["tvmrpc"] = {"expected_wait_seconds": self.expected_waits()}
+        return summary
