@@ -1,8 +1,8 @@
 """``tvmrpc query``: print a tracker's summary as stock ``query_rpc_tracker`` does.
 
 The text output is byte-for-byte what ``python -m tvm.exec.query_rpc_tracker``
-prints for the same tracker state; ``--json`` prints the raw summary instead, with our tracker's
-``"tvmrpc"`` field (each key's expected wait) when the tracker is ours.
+prints for the same tracker state; ``--json`` prints the raw summary instead,
+with our tracker's ``"tvmrpc"`` field (expected waits) when the tracker is ours.
 """
 
 from __future__ import annotations
@@ -96,10 +96,8 @@ def _report(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
     if "error" in outcome:
         exc = outcome["error"]
         message = str(exc) or type(exc).__name__
-        print(
-            f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
-            file=sys.stderr,
-        )
+        print(f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
+              file=sys.stderr)
         return 1
     summary = outcome["summary"]
     if args.json:

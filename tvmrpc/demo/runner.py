@@ -85,46 +85,38 @@ class Demo:
 
     def start_tracker(self) -> None:
         with self.steps.step("start the tracker (twistd tvm-tracker)"):
-            tracker = self.launch(
-                "tracker", daemons.tracker_argv(self.args.host, self.args.tracker_port)
-            )
+            tracker = self.launch("tracker", daemons.tracker_argv(self.args.host,
+                                                                   self.args.tracker_port))
             self.tracker = tracker.wait_listening(self.args.step_timeout)
-            self.steps.note(
-                f"listening on {self.tracker[0]}:{self.tracker[1]} "
-                f"(pid {tracker.pid}, log {tracker.log_path.name})"
-            )
+            self.steps.note(f"listening on {self.tracker[0]}:{self.tracker[1]} "
+                            f"(pid {tracker.pid}, log {tracker.log_path.name})")
 
     def start_proxy(self) -> None:
         assert self.tracker is not None
         with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
             proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
             self.proxy = proxy.wait_listening(self.args.step_timeout)
-            self.steps.note(
-                f"listening on {self.proxy[0]}:{self.proxy[1]} "
-                f"(pid {proxy.pid}, log {proxy.log_path.name})"
-            )
+            self.steps.note(f"listening on {self.proxy[0]}:{self.proxy[1]} "
+                            f"(pid {proxy.pid}, log {proxy.log_path.name})")
 
     def start_servers(self) -> None:
         assert self.tracker is not None
         assert self.proxy is not None
         key = self.args.direct_key
         with self.steps.step(f"start a server with key {key!r}, registered with the tracker"):
-            server = self.launch(
-                "server-direct", daemons.server_argv(self.args.host, key, self.tracker)
-            )
+            server = self.launch("server-direct",
+                                 daemons.server_argv(self.args.host, key, self.tracker))
             state = self.wait_free(key)
             self.rows.append(Row(key, self.path_of(key, state)))
-            self.steps.note(
-                f"registered: {self.rows[-1].path} (pid {server.pid}, log {server.log_path.name})"
-            )
+            self.steps.note(f"registered: {self.rows[-1].path} "
+                            f"(pid {server.pid}, log {server.log_path.name})")
         key = self.args.proxied_key
         with self.steps.step(f"start a server with key {key!r}, through the proxy"):
             server = self.launch("server-proxied", daemons.proxied_server_argv(self.proxy, key))
             state = self.wait_free(key)
             self.rows.append(Row(key, self.path_of(key, state)))
-            self.steps.note(
-                f"registered: {self.rows[-1].path} (pid {server.pid}, log {server.log_path.name})"
-            )
+            self.steps.note(f"registered: {self.rows[-1].path} "
+                            f"(pid {server.pid}, log {server.log_path.name})")
 
     def show_query(self) -> None:
         assert self.tracker is not None
@@ -132,9 +124,7 @@ class Demo:
         with self.steps.step(f"tvmrpc query --host {host} --port {port}"):
             done = subprocess.run(
                 [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
-                capture_output=True,
-                text=True,
-                env=daemons.child_env(),
+                capture_output=True, text=True, env=daemons.child_env(),
                 timeout=self.args.step_timeout,
             )
             if done.returncode != 0:
@@ -154,11 +144,8 @@ class Demo:
         from ..mlp import build_mlp
 
         with self.steps.step("compile the MLP with TVM relax on this host"):
-            library = bounded(
-                lambda: build_mlp(self.log_dir / "model"),
-                self.args.step_timeout,
-                "compiling the MLP",
-            )
+            library = bounded(lambda: build_mlp(self.log_dir / "model"),
+                              self.args.step_timeout, "compiling the MLP")
             self.steps.note(f"{library} ({library.stat().st_size} bytes)")
         return library
 
@@ -168,18 +155,14 @@ class Demo:
         assert self.tracker is not None
         tracker = self.tracker
         for row in self.rows:
-            title = (
-                f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
-                "upload, run, check"
-            )
+            title = (f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
+                     "upload, run, check")
             with self.steps.step(title):
                 self.check_alive()
                 outcome = bounded(
-                    lambda key=row.key: request_and_run(
-                        tracker, key, library, self.args.step_timeout
-                    ),
-                    self.args.step_timeout,
-                    f"the session for {row.key!r}",
+                    lambda key=row.key: request_and_run(tracker, key, library,
+                                                        self.args.step_timeout),
+                    self.args.step_timeout, f"the session for {row.key!r}",
                 )
                 row.seconds, row.ok = outcome.total_seconds, outcome.ok
                 self.steps.note(

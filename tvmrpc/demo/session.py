@@ -75,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="device key to request")
     parser.add_argument("--library", type=Path, required=True, help="compiled MLP (build_mlp)")
     parser.add_argument("--session-timeout", type=float, default=60.0)
-    parser.add_argument(
-        "--max-retry",
-        type=int,
-        default=5,
-        help="resources to try before giving up (stock's max_retry; 1: no retry)",
-    )
+    parser.add_argument("--max-retry", type=int, default=5,
+                        help="resources to try before giving up (stock's max_retry; 1: no retry)")
     args = parser.parse_args(argv)
     outcome: Any = request_and_run(
         args.tracker, args.key, args.library, args.session_timeout, args.max_retry

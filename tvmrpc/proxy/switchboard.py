@@ -100,30 +100,21 @@ class Switchboard:
             peer.start()
         elif isinstance(outcome, Waiting):
             if self.verbose:
-                log.info(
-                    "{leg} waits as {role} {matchkey}",
-                    leg=leg.peer_name,
-                    role=key.role,
-                    matchkey=matchkey,
-                )
+                log.info("{leg} waits as {role} {matchkey}", leg=leg.peer_name, role=key.role,
+                         matchkey=matchkey)
             if outcome.deadline is not None:
-                self._timers[leg] = self.clock.callLater(outcome.deadline - now, self._expire)
+                self._timers[leg] = self.clock.callLater(
+                    outcome.deadline - now, self._expire
+                )
             if self.tracker_mode and key.role == SERVER and self.on_server_waiting:
                 self.on_server_waiting(device_key, matchkey)
         elif isinstance(outcome, Duplicate):
-            log.info(
-                "duplicate {role} key {matchkey} from {leg}",
-                role=key.role,
-                matchkey=matchkey,
-                leg=leg.peer_name,
-            )
+            log.info("duplicate {role} key {matchkey} from {leg}", role=key.role,
+                     matchkey=matchkey, leg=leg.peer_name)
             leg.refuse(RPC_CODE_DUPLICATE)
         elif isinstance(outcome, NoMatch):
-            log.info(
-                "no server waits for client key {matchkey} from {leg}",
-                matchkey=matchkey,
-                leg=leg.peer_name,
-            )
+            log.info("no server waits for client key {matchkey} from {leg}",
+                     matchkey=matchkey, leg=leg.peer_name)
             leg.refuse(RPC_CODE_MISMATCH)
 
     def leave(self, leg: object) -> None:
