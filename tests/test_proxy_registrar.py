@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from tvmrpc.codec import PeerKey
 from tvmrpc.proxy.pairing import SERVER
@@ -48,8 +49,9 @@ class FakeLeg:
 def setup(custom_addr=None):
     clock = Clock()
     board = Switchboard(clock, tracker_mode=True)
-    registrar = Registrar(clock, board, ("t", 1), defer.Deferred(), custom_addr=custom_addr,
-                          grace=5)
+    registrar = Registrar(
+        clock, board, ("t", 1), defer.Deferred(), custom_addr=custom_addr, grace=5
+    )
     registrar.port = 9090
     return clock, board, registrar
 
@@ -140,3 +142,86 @@ def test_paired_or_client_legs_leaving_do_not_reset_the_link():
     board.leave(FakeLeg("never-waited"))
     clock.advance(1)
     assert closed == []
+
+
+def test_advertised_keys_shrink_within_one_period_after_the_last_server_leaves():
+    _, board, registrar = setup()
+    link = FakeLink()
+    registrar._ready(link)
+    a1, a2, b = arrive(board, "a"), arrive(board, "a"), arrive(board, "b")
+    link.calls.clear()
+    board.leave(a1)  # another "a" is still there
+    registrar._check()
+    assert [c for c in link.calls if c[0] == "info"] == []
+    board.leave(a2)
+    board.leave(b)
+    registrar._check()
+    assert ("info", {"key": "server:proxy[]", "addr": [None, 9090]}) in link.calls
+    link.calls.clear()
+    registrar._check()  # nothing changed since: nothing sent
+    assert link.calls == []
+
+
+def test_bounded_device_keys_keep_update_info_small():
+    from tvmrpc.codec import MAX_KEY_CHARS, encode_frame
+    from tvmrpc.proxy.limits import DeviceKeys
+
+    clock = Clock()
+    board = Switchboard(clock, tracker_mode=True, device_keys=DeviceKeys(limit=8))
+    registrar = Registrar(clock, board, ("t", 1), defer.Deferred())
+    registrar.port = 9090
+    link = FakeLink()
+    registrar._ready(link)
+    for i in range(300):  # case 2: 300 junk servers with long keys
+        arrive(board, f"{i:03d}" + "j" * (MAX_KEY_CHARS - 40))
+    infos = [c[1] for c in link.calls if c[0] == "info"]
+    largest = max(len(encode_frame([5, info])) for info in infos)
+    print(f"largest UPDATE_INFO frame with 300 junk keys: {largest} bytes")
+    assert largest < 8 * (MAX_KEY_CHARS + 1) + 100
+    assert len([c for c in link.calls if c[0] == "put"]) == 8
+
+
+class RefusingLink(FakeLink):
+    """A tracker that refuses UPDATE_INFO with ``failure``, unless it is plain ``server:proxy``."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__()
+        self.failure = failure
+
+    def update_info(self, info):
+        self.calls.append(("info", info))
+        if info["key"] == "server:proxy":
+            return defer.succeed(None)
+        return defer.fail(self.failure)
+
+
+def test_refused_update_info_falls_back_to_plain_proxy_key_once():
+    from tvmrpc.client import TrackerError
+
+    _, board, registrar = setup()
+    arrive(board, "dev")
+    link = RefusingLink(TrackerError("tracker refused UPDATE_INFO: -1"))
+    registrar._ready(link)
+    assert registrar.compact
+    arrive(board, "other")
+    second = FakeLink()
+    registrar._ready(second)
+    infos = [c[1]["key"] for c in second.calls if c[0] == "info"]
+    assert infos == ["server:proxy"]
+    assert [c[0] for c in second.calls].count("put") == 2
+
+
+def test_tracker_closing_under_update_info_falls_back_but_our_own_reset_does_not():
+    from twisted.internet.error import ConnectionDone
+
+    _, board, registrar = setup()
+    ours = FakeLink()
+    ours.transport.loseConnection = lambda: None
+    registrar._ready(ours)
+    arrive(board, "dev")
+    registrar._reset_link()  # we closed it to withdraw a departed server
+    registrar._info_failed(Failure(ConnectionDone()), ours, registrar.info())
+    assert not registrar.compact
+    theirs = RefusingLink(ConnectionDone())
+    registrar._ready(theirs)
+    assert registrar.compact

@@ -11,6 +11,10 @@ Invariants:
   fast writer and at most about one read buffer per leg is held.
 - When either leg closes, the other is closed after its buffered bytes are
   written; nothing else is affected.
+- Bytes received after the handshake and before pairing are held only
+  within the switchboard's :class:`~tvmrpc.proxy.limits.EarlyBudget`; a leg
+  that would exceed it is closed with a warn line, and the bytes are released
+  when it is paired or closes.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ from ..codec import (
 from .switchboard import ILeg, Switchboard
 
 log = Logger(namespace="tvmrpc.proxy")
-
-#: Bytes a leg may send after its handshake before it is paired (stock sends none).
-MAX_EARLY_BYTES = 1 << 20
 
 
 @implementer(ILeg)
@@ -73,10 +74,7 @@ class LegMixin:
             peer._write(data)
             return
         if self._decoder is None:
-            self._early += data
-            if len(self._early) > MAX_EARLY_BYTES:
-                log.info("{leg} sent too much before pairing", leg=self.peer_name)
-                self._abort()
+            self._hold_early(data)
             return
         try:
             done = self._decoder.feed(data)
@@ -96,7 +94,8 @@ class LegMixin:
             self._abort()
             return
         self.key = key
-        self._early += rest
+        if rest and not self._hold_early(rest):
+            return
         self._on_waiting()
         self.switchboard.arrive(self, parsed, proxy_matchkey(key))
 
@@ -130,6 +129,7 @@ class LegMixin:
         consumer.registerProducer(peer._producer(), True)
         if self._early:
             early, self._early = bytes(self._early), bytearray()
+            self.switchboard.early.release(self)
             peer._write(early)
         self._on_forwarding()
 
@@ -145,6 +145,17 @@ class LegMixin:
         if getattr(producer, "producer", None) is not None:
             producer.unregisterProducer()
         self._close()
+
+    def _hold_early(self, data: bytes) -> bool:
+        """Keep bytes sent before pairing if the budget allows; else close this leg."""
+        problem = self.switchboard.early.take(self, len(data))
+        if problem is not None:
+            log.warn("closing {leg}: {problem}", leg=self.peer_name, problem=problem)
+            self._early = bytearray()
+            self._abort()
+            return False
+        self._early += data
+        return True
 
     def _handshake_timed_out(self) -> None:
         self._timer = None

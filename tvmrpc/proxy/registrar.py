@@ -5,8 +5,17 @@ Invariants:
   with the proxy's port (and ``custom_addr`` or null, so the tracker hands
   clients the proxy's address); after a reconnect every waiting server is
   re-keyed and PUT again (the old keys may have been handed out already).
-- UPDATE_INFO reports ``server:proxy[k1,k2,...]`` (the device keys seen) on
-  every connection and whenever a new device key appears, before its PUT.
+- UPDATE_INFO reports ``server:proxy[k1,k2,...]``: the device keys of the
+  servers present now (the switchboard's bounded
+  :class:`~tvmrpc.proxy.limits.DeviceKeys`, so the frame stays far below the
+  tracker's 1 MiB limit) on every connection, at once when a new device key
+  appears (before its PUT), and within one ``period`` after a key's last
+  server left (the set shrinks).
+- If the tracker refuses an UPDATE_INFO (answers FAIL, or closes the
+  connection while it is the call in flight and we did not reset it), the
+  registrar says so at warn and advertises plain ``server:proxy`` from then
+  on: one refusal costs at most one reconnect, never a loop, and PUTs (what
+  makes boards reachable) go on.
 - A key the tracker handed out (missing from GET_PENDING_MATCHKEYS) that no
   client used within ``grace`` seconds is re-keyed and PUT again.
 - A waiting server that goes away (closed, or dropped by keepalive) leaves
@@ -24,13 +33,14 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..client import TrackerClientProtocol, tracker_link_service
-from ..codec import split_matchkey
+from ..client import TrackerClientProtocol, TrackerError, tracker_link_service
+from ..codec import encode_frame, split_matchkey
 from .switchboard import Switchboard
 
 log = Logger(namespace="tvmrpc.proxy.tracker")
@@ -59,7 +69,10 @@ class Registrar(service.Service):
         self.period = period
         self.grace = grace
         self.port: int | None = None
-        self.device_keys: set[str] = set()
+        #: The device keys the current tracker connection was last told about.
+        self.advertised: frozenset[str] = frozenset()
+        #: True once the tracker refused our key list: advertise ``server:proxy`` only.
+        self.compact = False
         self.link: TrackerClientProtocol | None = None
         self._client: ClientService | None = None
         self._loop: LoopingCall | None = None
@@ -67,6 +80,8 @@ class Registrar(service.Service):
         switchboard.on_server_gone = self._server_gone
         self.withdraw_delay = 0.2
         self._reset_call: Any = None
+        self._reset_link_obj: TrackerClientProtocol | None = None
+        self._loss_seen_on: TrackerClientProtocol | None = None
 
     # -- service --------------------------------------------------------------
 
@@ -120,11 +135,9 @@ class Registrar(service.Service):
 
     def _server_waiting(self, device_key: str, matchkey: str) -> None:
         link = self.link
-        new_device = device_key not in self.device_keys
-        self.device_keys.add(device_key)
         if link is None:
             return  # registered with everything else once connected
-        if new_device:
+        if device_key not in self.advertised:
             self._update_info(link)
         self._put(link, matchkey)
 
@@ -138,22 +151,72 @@ class Registrar(service.Service):
         self._reset_call = None
         link = self.link
         if link is not None and link.transport is not None:
+            self._reset_link_obj = link
             link.transport.loseConnection()
 
     def info(self) -> dict[str, Any]:
         """The UPDATE_INFO value: ``server:proxy[k1,k2]`` at our address and port."""
-        keys = ",".join(sorted(self.device_keys))
-        return {"key": f"server:proxy[{keys}]", "addr": [self.custom_addr, self.port]}
+        if self.compact:
+            key = "server:proxy"
+        else:
+            key = "server:proxy[{}]".format(",".join(sorted(self.switchboard.device_keys.keys())))
+        return {"key": key, "addr": [self.custom_addr, self.port]}
 
     def _update_info(self, link: TrackerClientProtocol) -> None:
-        link.update_info(self.info()).addErrback(self._call_failed, "UPDATE_INFO")
+        self.advertised = self.switchboard.device_keys.keys()
+        info = self.info()
+        log.info(
+            "UPDATE_INFO: {n} device keys ({size} bytes)",
+            n=len(self.advertised),
+            size=len(encode_frame([5, info])),
+        )
+        d = link.update_info(info)
+        d.addErrback(self._info_failed, link, info)
+
+    def _sync_info(self, link: TrackerClientProtocol) -> None:
+        """Tell the tracker about keys that left (new ones are told at once)."""
+        if self.switchboard.device_keys.keys() != self.advertised:
+            self._update_info(link)
+
+    def _info_failed(
+        self, failure: Failure, link: TrackerClientProtocol, info: dict[str, Any]
+    ) -> None:
+        lost = self._lost_in_flight(failure, link)
+        if self.compact or not (failure.check(TrackerError) or lost):
+            self._call_failed(failure, "UPDATE_INFO")
+            return
+        self.compact = True
+        log.warn(
+            "tracker refused our UPDATE_INFO ({n} device keys, {size} bytes): {error}; "
+            "advertising plain 'server:proxy' from now on so that registration goes on "
+            "(lower --max-server-keys, or restart the proxy to send the key list again)",
+            n=len(self.advertised),
+            size=len(encode_frame([5, info])),
+            error=failure.getErrorMessage() if not lost else "it closed the connection",
+        )
+
+    def _lost_in_flight(self, failure: Failure, link: TrackerClientProtocol) -> bool:
+        """Whether ``failure`` is the connection closing under the call in flight.
+
+        A closing connection fails the call in flight first, then the queued
+        ones; only the first is blamed, and never when we reset the link.
+        """
+        if not failure.check(ConnectionDone, ConnectionLost):
+            return False
+        first = self._loss_seen_on is not link
+        self._loss_seen_on = link
+        return first and self._reset_link_obj is not link
 
     def _put(self, link: TrackerClientProtocol, matchkey: str) -> None:
         assert self.port is not None
         key = split_matchkey(matchkey)
         d = link.put(key, self.port, matchkey, self.custom_addr)
         d.addCallback(lambda _: log.info("put {matchkey} at the tracker", matchkey=matchkey))
-        d.addErrback(self._call_failed, "PUT")
+        d.addErrback(self._put_failed, link)
+
+    def _put_failed(self, failure: Failure, link: TrackerClientProtocol) -> None:
+        self._lost_in_flight(failure, link)
+        self._call_failed(failure, "PUT")
 
     def _call_failed(self, failure: Failure, what: str) -> None:
         # A lost connection is handled by the reconnect; anything else is logged.
@@ -163,12 +226,19 @@ class Registrar(service.Service):
 
     def _check(self) -> defer.Deferred[None] | None:
         link = self.link
-        if link is None or not self.switchboard.table.waiting("server"):
+        if link is None:
+            return None
+        self._sync_info(link)
+        if not self.switchboard.table.waiting("server"):
             return None
         d = link.pending_matchkeys()
         d.addCallback(self._regenerate, link)
-        d.addErrback(self._call_failed, "GET_PENDING_MATCHKEYS")
+        d.addErrback(self._pending_failed, link)
         return d
+
+    def _pending_failed(self, failure: Failure, link: TrackerClientProtocol) -> None:
+        self._lost_in_flight(failure, link)
+        self._call_failed(failure, "GET_PENDING_MATCHKEYS")
 
     def _regenerate(self, pending: list[str], link: TrackerClientProtocol) -> None:
         table = self.switchboard.table

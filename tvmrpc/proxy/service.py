@@ -14,6 +14,14 @@ from ..listening import (
     listening_service,
     parse_hostport,
 )
+from .limits import (
+    DEFAULT_EARLY_BYTES,
+    DEFAULT_EARLY_TOTAL,
+    DEFAULT_SERVER_KEYS,
+    MAX_SERVER_KEYS,
+    DeviceKeys,
+    EarlyBudget,
+)
 from .protocol import ProxyFactory
 from .switchboard import Switchboard
 
@@ -47,6 +55,31 @@ class Options(ListenOptions):
         ["alloc-timeout", None, 5.0, "Seconds a handed-out key may stay unused.", float],
         ["index-page", None, None, "HTML page served at / on the web port."],
         ["example-rpc", None, None, "Accepted for stock compatibility and ignored (warn line)."],
+        [
+            "max-early-bytes",
+            None,
+            DEFAULT_EARLY_BYTES,
+            "Bytes one connection may send after its handshake, before it is paired "
+            "(stock peers send none); more closes it.",
+            int,
+        ],
+        [
+            "max-early-total",
+            None,
+            DEFAULT_EARLY_TOTAL,
+            "Bytes all waiting connections together may send before pairing; the "
+            "connection that would exceed it is closed.",
+            int,
+        ],
+        [
+            "max-server-keys",
+            None,
+            DEFAULT_SERVER_KEYS,
+            f"Distinct device keys of servers at the proxy in tracker mode (advertised "
+            f"in UPDATE_INFO; at most {MAX_SERVER_KEYS}); a server with a new key "
+            f"beyond it is refused.",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -65,6 +98,14 @@ class Options(ListenOptions):
             self["tracker"] = parse_hostport(self["tracker"])
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
+        for flag in ("max-early-bytes", "max-early-total"):
+            if self[flag] < 0:
+                raise usage.UsageError(f"--{flag} must be 0 or more bytes")
+        if not 1 <= self["max-server-keys"] <= MAX_SERVER_KEYS:
+            raise usage.UsageError(
+                f"--max-server-keys must be 1..{MAX_SERVER_KEYS} (so that UPDATE_INFO "
+                "stays under the tracker's 1 MiB frame limit)"
+            )
         if self["web-port"] is not None or self["web-listen"]:
             _check_websocket_extra()
         if self["web-listen"]:
@@ -103,6 +144,8 @@ def makeService(options: Options) -> service.IService:
         timeout_server=options["timeout-server"],
         tracker_mode=bool(tracker),
         verbose=options["verbose"],
+        early=EarlyBudget(options["max-early-bytes"], options["max-early-total"]),
+        device_keys=DeviceKeys(options["max-server-keys"]),
     )
     factory = ProxyFactory(switchboard, options["handshake-timeout"])
     top = service.MultiService()

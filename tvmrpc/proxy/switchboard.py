@@ -12,6 +12,15 @@ Invariants:
 - In tracker mode servers wait without deadline under fresh match keys
   (as stock does: the tracker hands their keys to clients); clients never
   wait, a client without a waiting server is refused with no-match.
+- A leg whose match key (or, in tracker mode, the match key the proxy makes
+  for it) is not a valid key (:func:`tvmrpc.codec.key_problem`) is refused
+  with no-match and a warn line saying why; it never enters the table.
+- In tracker mode at most ``device_keys.limit`` distinct device keys are
+  held by servers present (waiting or in a session); a server bringing a
+  new key beyond that is refused with no-match and a warn line. A key is
+  released when its last server closes, so the advertised set shrinks.
+- Bytes a leg sends before it is paired are bounded by :attr:`early`
+  (per leg and in total); they are released when it is paired or closes.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from ..codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, PeerKey
+from ..codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, PeerKey, key_problem
+from .limits import Admission, DeviceKeys, EarlyBudget
 from .pairing import SERVER, Duplicate, NoMatch, Paired, PairingTable, Waiting
 
 log = Logger(namespace="tvmrpc.proxy")
@@ -54,6 +64,8 @@ class Switchboard:
         timeout_server: float | None = 600.0,
         tracker_mode: bool = False,
         verbose: bool = False,
+        early: EarlyBudget | None = None,
+        device_keys: DeviceKeys | None = None,
     ) -> None:
         self.clock = clock
         #: Log every wait and pairing (a log line costs about as much as the pairing itself).
@@ -67,6 +79,10 @@ class Switchboard:
         #: Called with the match key of a waiting server that went away (tracker mode).
         self.on_server_gone: Callable[[str], None] | None = None
         self.pairings = 0
+        #: Bytes held for legs before pairing (bounded per leg and in total).
+        self.early = early if early is not None else EarlyBudget()
+        #: Device keys of the servers present, bounded (tracker mode only).
+        self.device_keys = device_keys if device_keys is not None else DeviceKeys()
 
     def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
         """A leg finished its handshake as ``key.role`` with proxy match key ``matchkey``."""
@@ -74,12 +90,33 @@ class Switchboard:
         timeout = self.timeouts[key.role]
         may_wait = True
         device_key = matchkey
-        if self.tracker_mode:
+        problem = key_problem(matchkey, f"{key.role} key")
+        if problem is None and self.tracker_mode:
             if key.role == SERVER:
                 matchkey = self.table.fresh_server_key(matchkey)
+                problem = key_problem(matchkey, "server key with the ':<random>' suffix")
                 timeout = None
             else:
                 may_wait = False
+        if problem is not None:
+            log.warn("refused {leg}: {problem}", leg=leg.peer_name, problem=problem)
+            leg.refuse(RPC_CODE_MISMATCH)
+            return
+        if (
+            self.tracker_mode
+            and key.role == SERVER
+            and self.device_keys.admit(leg, device_key) is Admission.FULL
+        ):
+            log.warn(
+                "refused {leg}: server key {key} would be device key number {n} "
+                "(at most {limit}, --max-server-keys)",
+                leg=leg.peer_name,
+                key=device_key[:40],
+                n=len(self.device_keys) + 1,
+                limit=self.device_keys.limit,
+            )
+            leg.refuse(RPC_CODE_MISMATCH)
+            return
         if timeout is not None and timeout <= 0:
             timeout = None
         outcome = self.table.arrive(leg, key.role, matchkey, now, timeout, may_wait)
@@ -100,21 +137,30 @@ class Switchboard:
             peer.start()
         elif isinstance(outcome, Waiting):
             if self.verbose:
-                log.info("{leg} waits as {role} {matchkey}", leg=leg.peer_name, role=key.role,
-                         matchkey=matchkey)
-            if outcome.deadline is not None:
-                self._timers[leg] = self.clock.callLater(
-                    outcome.deadline - now, self._expire
+                log.info(
+                    "{leg} waits as {role} {matchkey}",
+                    leg=leg.peer_name,
+                    role=key.role,
+                    matchkey=matchkey,
                 )
+            if outcome.deadline is not None:
+                self._timers[leg] = self.clock.callLater(outcome.deadline - now, self._expire)
             if self.tracker_mode and key.role == SERVER and self.on_server_waiting:
                 self.on_server_waiting(device_key, matchkey)
         elif isinstance(outcome, Duplicate):
-            log.info("duplicate {role} key {matchkey} from {leg}", role=key.role,
-                     matchkey=matchkey, leg=leg.peer_name)
+            log.info(
+                "duplicate {role} key {matchkey} from {leg}",
+                role=key.role,
+                matchkey=matchkey,
+                leg=leg.peer_name,
+            )
             leg.refuse(RPC_CODE_DUPLICATE)
         elif isinstance(outcome, NoMatch):
-            log.info("no server waits for client key {matchkey} from {leg}",
-                     matchkey=matchkey, leg=leg.peer_name)
+            log.info(
+                "no server waits for client key {matchkey} from {leg}",
+                matchkey=matchkey,
+                leg=leg.peer_name,
+            )
             leg.refuse(RPC_CODE_MISMATCH)
 
     def leave(self, leg: object) -> None:
@@ -124,6 +170,8 @@ class Switchboard:
         if server_key is not None and self.table.waiting(SERVER).get(server_key) is not leg:
             server_key = None
         self.table.withdraw(leg)
+        self.early.release(leg)
+        self.device_keys.release(leg)
         if server_key is not None and self.tracker_mode and self.on_server_gone:
             self.on_server_gone(server_key)
 
