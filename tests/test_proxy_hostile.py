@@ -122,7 +122,8 @@ def test_junk_servers_leave_the_board_behind_a_tracker_proxy_reachable(log_dir):
                 mark = proxy.mark()
                 close_all(oversized + valid)
             # the junk is gone: the advertised set shrinks to the board alone
-            proxy.wait_for(r"UPDATE_INFO: 1 device keys", start=mark)
+            # (told once every junk leg is gone and no withdrawal reset is pending)
+            proxy.wait_for(r"tracker took UPDATE_INFO: 1 device keys", start=mark)
             assert proxy_info(tracker.port) == "server:proxy[board]"
             proxy.wait_for(r"put board:\S+ at the tracker", start=mark)
             after_junk = timed_session(

@@ -144,13 +144,25 @@ def test_paired_or_client_legs_leaving_do_not_reset_the_link():
     assert closed == []
 
 
+def in_session(board: Switchboard, server: FakeLeg) -> FakeLeg:
+    """A client takes ``server`` (it stops waiting and is in a session)."""
+    matchkey = board.table.matchkey_of(server)
+    client = FakeLeg(matchkey)
+    client.key = f"client:{matchkey}"
+    board.arrive(client, PeerKey("client", matchkey), matchkey)
+    assert not board.table.is_waiting(server)
+    return client
+
+
 def test_advertised_keys_shrink_within_one_period_after_the_last_server_leaves():
     _, board, registrar = setup()
     link = FakeLink()
     registrar._ready(link)
     a1, a2, b = arrive(board, "a"), arrive(board, "a"), arrive(board, "b")
+    for server in (a1, a2, b):
+        in_session(board, server)
     link.calls.clear()
-    board.leave(a1)  # another "a" is still there
+    board.leave(a1)  # its session ended; another "a" is still there
     registrar._check()
     assert [c for c in link.calls if c[0] == "info"] == []
     board.leave(a2)
@@ -160,6 +172,24 @@ def test_advertised_keys_shrink_within_one_period_after_the_last_server_leaves()
     link.calls.clear()
     registrar._check()  # nothing changed since: nothing sent
     assert link.calls == []
+
+
+def test_waiting_servers_leaving_reset_the_link_and_the_next_link_gets_the_smaller_set():
+    clock, board, registrar = setup()
+    link = FakeLink()
+    link.transport.loseConnection = lambda: None
+    registrar._ready(link)
+    stays, goes = arrive(board, "stays"), arrive(board, "goes")
+    link.calls.clear()
+    board.leave(goes)
+    registrar._check()  # a reset is pending: no UPDATE_INFO on a link about to go
+    assert link.calls == []
+    clock.advance(registrar.withdraw_delay)
+    registrar._lost(link)
+    second = FakeLink()
+    registrar._ready(second)
+    assert second.calls[0] == ("info", {"key": "server:proxy[stays]", "addr": [None, 9090]})
+    assert board.table.matchkey_of(stays) == second.calls[1][3]
 
 
 def test_bounded_device_keys_keep_update_info_small():

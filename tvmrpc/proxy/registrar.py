@@ -163,19 +163,24 @@ class Registrar(service.Service):
         return {"key": key, "addr": [self.custom_addr, self.port]}
 
     def _update_info(self, link: TrackerClientProtocol) -> None:
-        self.advertised = self.switchboard.device_keys.keys()
+        self.advertised = keys = self.switchboard.device_keys.keys()
         info = self.info()
-        log.info(
-            "UPDATE_INFO: {n} device keys ({size} bytes)",
-            n=len(self.advertised),
-            size=len(encode_frame([5, info])),
-        )
         d = link.update_info(info)
+        d.addCallback(
+            lambda _: log.info(
+                "tracker took UPDATE_INFO: {n} device keys ({size} bytes)",
+                n=len(keys),
+                size=len(encode_frame([5, info])),
+            )
+        )
         d.addErrback(self._info_failed, link, info)
 
     def _sync_info(self, link: TrackerClientProtocol) -> None:
-        """Tell the tracker about keys that left (new ones are told at once)."""
-        if self.switchboard.device_keys.keys() != self.advertised:
+        """Tell the tracker about keys that left (new ones are told at once).
+
+        Not while the link is about to be reset: the next one is told anyway.
+        """
+        if self._reset_call is None and self.switchboard.device_keys.keys() != self.advertised:
             self._update_info(link)
 
     def _info_failed(
