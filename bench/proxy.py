@@ -198,30 +198,42 @@ def stalled_growth(pid: int, port: int, total: int) -> float:
 def main(flags: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench proxy")
     parser.add_argument("--quick", action="store_true", help="smaller transfers, fewer samples")
+    parser.add_argument(
+        "--no-splice", action="store_true", help="run ours with --no-splice (userspace path)"
+    )
     args, _ = parser.parse_known_args(flags)
     raw_total = (128 if args.quick else 512) * MiB
     repeat = 1 if args.quick else 3
     stall_total = (256 if args.quick else 1024) * MiB
     sessions = 10 if args.quick else 30
 
-    table = Table("proxy (loopback)")
+    table = Table("proxy (loopback, ours " + ("userspace" if args.no_splice else "splice") + ")")
     vs_direct: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        ours_proxy = start_proxy(logs, verbose=False)  # per-pairing log lines cost ~0.5 ms
+        extra = ["--no-splice"] if args.no_splice else []
+        # per-pairing log lines cost ~0.5 ms
+        ours_proxy = start_proxy(logs, *extra, verbose=False)
         with running(start_stock_proxy(logs)) as stock, running(ours_proxy) as ours:
             ports = {"stock": stock.port, "ours": ours.port}
             mb = raw_total // MiB
             print(f"raw forwarding, {mb} MiB each way ...", flush=True)
             direct = raw_forwarding(direct_pair, raw_total, repeat)
-            fwd = {name: raw_forwarding(lambda p=p: raw_pair(p, "raw"), raw_total, repeat)
-                   for name, p in ports.items()}
+            fwd, cpu = {}, {}
+            for name, proc in (("stock", stock), ("ours", ours)):
+                # CPU the proxy process spends per GiB it forwards (both directions)
+                before = sum(psutil.Process(proc.proc.pid).cpu_times()[:2])
+                fwd[name] = raw_forwarding(lambda p=proc.port: raw_pair(p, "raw"), raw_total,
+                                           repeat)
+                spent = sum(psutil.Process(proc.proc.pid).cpu_times()[:2]) - before
+                cpu[name] = spent / (2 * repeat * raw_total / (1 << 30))
             for i, way in enumerate(("server->client", "client->server")):
                 table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i],
                           "higher")
                 vs_direct.append(f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
                                  f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
                                  f"{fwd['stock'][i] / direct[i]:.0%}")
+            table.add("proxy CPU per GiB forwarded (s)", cpu["stock"], cpu["ours"], "lower")
             print("pairing latency ...", flush=True)
             lat = {name: pairing_latency(p, sessions) for name, p in ports.items()}
             table.add("pairing, both handshakes p50 (ms)", lat["stock"], lat["ours"], "lower")

@@ -28,9 +28,11 @@ def expected_digest(total: int) -> str:
     return digest.hexdigest()
 
 
-def push_to_stalled_reader(log_dir, total: int) -> None:
-    with running(start_proxy(log_dir)) as proxy:
+def push_to_stalled_reader(log_dir, total: int, path: str) -> None:
+    extra = ["--no-splice"] if path == "userspace" else []
+    with running(start_proxy(log_dir, *extra)) as proxy:
         server, client = raw_pair(proxy.port, "bp")
+        assert proxy.wait_for(r"forwarding \S+ and \S+ by (\w+)").group(1) == path
         with server, client:
             baseline = rss(proxy.proc.pid)
             # Push without blocking until the proxy stops taking bytes.
@@ -73,15 +75,23 @@ def push_to_stalled_reader(log_dir, total: int) -> None:
                     growth = max(growth, rss(proxy.proc.pid) - baseline)
                     next_sample += 32 * MiB
             reader.join(300)
-            print(f"held back at {held_back_at / MiB:.1f} MiB, RSS growth {growth / MiB:.1f} MiB")
+            print(
+                f"{path}: held back at {held_back_at / MiB:.1f} MiB, "
+                f"RSS growth {growth / MiB:.1f} MiB"
+            )
             assert result == {"got": total, "digest": expected_digest(total)}
             assert growth < 16 * MiB, f"proxy RSS grew {growth / MiB:.1f} MiB"
 
 
-def test_stalled_reader_256mib(log_dir):
-    push_to_stalled_reader(log_dir, 256 * MiB)
+PATHS = pytest.mark.parametrize("path", ["splice", "userspace"])
+
+
+@PATHS
+def test_stalled_reader_256mib(log_dir, path):
+    push_to_stalled_reader(log_dir, 256 * MiB, path)
 
 
 @pytest.mark.slow
-def test_stalled_reader_1gib(log_dir):
-    push_to_stalled_reader(log_dir, 1024 * MiB)
+@PATHS
+def test_stalled_reader_1gib(log_dir, path):
+    push_to_stalled_reader(log_dir, 1024 * MiB, path)

@@ -13,14 +13,30 @@ from tests.support import running
 from tvmrpc.codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, RPC_CODE_SUCCESS, RPC_MAGIC
 
 
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("proxy-faults")
+@pytest.fixture(scope="module", params=["splice", "userspace"])
+def proxy(request, tmp_path_factory):
+    """Our proxy forwarding with splice(2), or in userspace (``--no-splice``)."""
+    log_dir = tmp_path_factory.mktemp(f"proxy-faults-{request.param}")
+    extra = ["--no-splice"] if request.param == "userspace" else []
     daemon = start_proxy(
-        log_dir, "--timeout-client", "1", "--timeout-server", "1.5", "--handshake-timeout", "1"
+        log_dir,
+        "--timeout-client",
+        "1",
+        "--timeout-server",
+        "1.5",
+        "--handshake-timeout",
+        "1",
+        *extra,
     )
+    daemon.path = request.param  # type: ignore[attr-defined]
     with running(daemon):
         yield daemon
+
+
+def expect_path(proxy, mark: int) -> None:
+    """The pairing since ``mark`` used the forwarding path the fixture asked for."""
+    path = proxy.wait_for(r"forwarding \S+ and \S+ by (\w+)", start=mark).group(1)
+    assert path == proxy.path
 
 
 def assert_alive(port: int, key: str) -> None:
@@ -40,9 +56,10 @@ def assert_closed(sock: socket.socket) -> None:
 
 
 def test_waiting_client_and_server_time_out_with_no_match(proxy):
-    with raw_leg(proxy.port, "client:nobody") as client, raw_leg(
-        proxy.port, "server:nobody-either"
-    ) as server:
+    with (
+        raw_leg(proxy.port, "client:nobody") as client,
+        raw_leg(proxy.port, "server:nobody-either") as server,
+    ):
         assert_alive(proxy.port, "during-timeouts")
         assert read_reply(client) == (RPC_CODE_MISMATCH, None)
         assert_closed(client)
@@ -64,7 +81,9 @@ def test_duplicate_waiter_refused_and_first_one_still_pairs(proxy):
 
 
 def test_side_closing_mid_stream_closes_the_other_after_its_bytes(proxy):
+    mark = proxy.mark()
     server, client = raw_pair(proxy.port, "midstream")
+    expect_path(proxy, mark)
     other_server, other_client = raw_pair(proxy.port, "bystander")
     payload = bytes(range(256)) * 4096  # 1 MiB
     with server, client, other_server, other_client:
@@ -110,3 +129,18 @@ def test_stalled_handshake_times_out_alone(proxy):
         client.sendall(b"fine")
         assert recvall(server, 4) == b"fine"
         assert_alive(proxy.port, "after-stall")
+
+
+def test_bytes_sent_before_pairing_arrive_after_the_answer(proxy):
+    """Early bytes (held in userspace while waiting) precede the spliced or copied stream."""
+    with raw_leg(proxy.port, "server:early") as server:
+        server.sendall(b"sent early")
+        proxy.wait_for(r"waits as server early\b")
+        mark = proxy.mark()
+        with raw_leg(proxy.port, "client:early") as client:
+            assert read_reply(client) == (RPC_CODE_SUCCESS, "server:early")
+            assert read_reply(server) == (RPC_CODE_SUCCESS, "client:early")
+            expect_path(proxy, mark)
+            assert recvall(client, 10) == b"sent early"
+            client.sendall(b"and back")
+            assert recvall(server, 8) == b"and back"

@@ -4,11 +4,21 @@ A leg goes through three phases: *handshake* (decode the connecting side's
 key, bounded by a timer), *waiting* (the switchboard holds it; keepalive on),
 and *forwarding* (bytes go to the peer untouched, with flow control).
 
+Forwarding takes one of two paths, chosen once per pairing for both legs:
+*splice* when both legs are plain TCP sockets and the factory allows it
+(:mod:`tvmrpc.proxy.splice`: kernel pipes, no byte in userspace), else
+*userspace* (``transport.write`` with producers: WebSocket legs, TLS, no
+splice(2) on this platform, ``--no-splice``).
+
 Invariants:
-- The handshake answer is written with one write, before any forwarded byte.
-- While forwarding, each leg's transport is registered as the streaming
-  producer feeding the other leg's transport, so a slow reader pauses the
-  fast writer and at most about one read buffer per leg is held.
+- The handshake answer precedes every forwarded byte, in one write.
+- Userspace: each leg's transport is registered as the streaming producer
+  feeding the other leg's transport, so a slow reader pauses the fast writer
+  and at most about one read buffer per leg is held.
+- Splice: both transports are paused and never written; the relay delivers
+  each answer and the other side's early bytes first, then spliced bytes;
+  when it is done both transports are closed. If the relay cannot be set up
+  (no descriptors left), the pairing falls back to userspace.
 - When either leg closes, the other is closed after its buffered bytes are
   written; nothing else is affected.
 - Bytes received after the handshake and before pairing are held only
@@ -33,6 +43,8 @@ from ..codec import (
     parse_key,
     proxy_matchkey,
 )
+from . import handover
+from .splice import SpliceRelay
 from .switchboard import ILeg, Switchboard
 
 log = Logger(namespace="tvmrpc.proxy")
@@ -59,6 +71,10 @@ class LegMixin:
         self._early = bytearray()
         self._timer: IDelayedCall | None = None
         self._closed = False
+        #: Splice path: the handshake answer waiting for the relay, and the relay.
+        self._splicing = False
+        self._answer = b""
+        self._relay: SpliceRelay | None = None
 
     # -- phases ---------------------------------------------------------------
 
@@ -103,6 +119,9 @@ class LegMixin:
         """The remote end closed (or we closed it)."""
         self._closed = True
         self._cancel_timer()
+        relay = self._relay
+        if relay is not None:
+            relay.stop()  # the socket is going: stop moving bytes through it
         self.switchboard.leave(self)
         peer, self.partner = self.partner, None
         if peer is not None:
@@ -111,18 +130,35 @@ class LegMixin:
 
     # -- ILeg -----------------------------------------------------------------
 
+    @property
+    def forwarding(self) -> str:
+        """``splice`` or ``userspace``: how this leg's bytes are forwarded once paired."""
+        return "splice" if self._relay is not None else "userspace"
+
     def pair(self, peer: ILeg) -> None:
         """Answer success with the peer's full key; forwarding starts in :meth:`start`."""
         assert isinstance(peer, LegMixin)
         assert peer.key is not None
         self.partner = peer
-        self._write(encode_reply(RPC_CODE_SUCCESS, peer.key))
+        answer = encode_reply(RPC_CODE_SUCCESS, peer.key)
+        self._splicing = self._splice_socket() is not None and peer._splice_socket() is not None
+        if self._splicing:
+            self._answer = answer  # the relay sends it, before any spliced byte
+        else:
+            self._write(answer)
 
     def start(self) -> None:
         """Both sides have their answer: hand over early bytes and link the flow control."""
         peer = self.partner
         if peer is None:
             return
+        if self._splicing:
+            if self._relay is None and not self._start_relay(peer):
+                self._write(self._answer)  # fall back: userspace for both
+                peer._write(peer._answer)
+                self._splicing = peer._splicing = False
+            if self._splicing:
+                return
         consumer = self._producer()
         if getattr(consumer, "producer", None) is not None:
             consumer.unregisterProducer()  # e.g. the HTTP channel a WebSocket came through
@@ -138,6 +174,42 @@ class LegMixin:
         self._close()
 
     # -- internals ------------------------------------------------------------
+
+    def _start_relay(self, peer: LegMixin) -> bool:
+        """Hand both sockets to a splice relay; False if it cannot be set up."""
+        mine, theirs = self._splice_socket(), peer._splice_socket()
+        assert mine is not None
+        assert theirs is not None
+        try:
+            relay = SpliceRelay(
+                self._splice_reactor(),
+                mine,
+                theirs,
+                prefix_to_a=self._answer + bytes(peer._early),
+                prefix_to_b=peer._answer + bytes(self._early),
+                on_done=lambda: self._relay_done(peer),
+                names=(self.peer_name, peer.peer_name),
+            )
+        except OSError as exc:
+            log.warn(
+                "cannot splice {a} and {b} ({error}); forwarding in userspace",
+                a=self.peer_name,
+                b=peer.peer_name,
+                error=exc,
+            )
+            return False
+        for leg in (self, peer):
+            handover.take(leg._producer())
+            leg._relay = relay
+            leg._answer, leg._early = b"", bytearray()
+            self.switchboard.early.release(leg)
+        relay.start()
+        return True
+
+    def _relay_done(self, peer: LegMixin) -> None:
+        """The relay moved its last byte: close both sockets (their bytes are queued)."""
+        self._close()
+        peer._close()
 
     def _peer_gone(self) -> None:
         """Our peer closed: stop being fed by it and close once our buffer is written."""
@@ -178,6 +250,14 @@ class LegMixin:
         raise NotImplementedError
 
     def _producer(self) -> Any:
+        raise NotImplementedError
+
+    def _splice_socket(self) -> Any:
+        """The socket to splice, or None to forward in userspace."""
+        return None
+
+    def _splice_reactor(self) -> Any:
+        """The reactor (IReactorFDSet) that drives a splice relay."""
         raise NotImplementedError
 
     def _on_waiting(self) -> None:

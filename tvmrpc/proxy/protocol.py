@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -10,6 +9,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from .. import sockopts
+from . import handover
 from .leg import LegMixin
 from .switchboard import Switchboard
 
@@ -24,9 +24,12 @@ SEND_LIMIT = 1 << 22
 class ProxyProtocol(LegMixin, Protocol):
     """One TCP connection on the proxy port: handshake, wait, forward."""
 
-    def __init__(self, switchboard: Switchboard, handshake_timeout: float) -> None:
+    def __init__(
+        self, switchboard: Switchboard, handshake_timeout: float, splice_reactor: Any = None
+    ) -> None:
         self._leg_init(switchboard, handshake_timeout)
-        self._direct = False
+        #: The reactor that drives splice relays, or None to forward in userspace.
+        self.splice_reactor = splice_reactor
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -47,19 +50,7 @@ class ProxyProtocol(LegMixin, Protocol):
     # -- LegMixin hooks ---------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if self._direct and not transport.dataBuffer and not transport._tempDataBuffer:
-            # Nothing queued: send now rather than after another reactor turn.
-            try:
-                sent = transport.socket.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the transport notices the error itself on its next write
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        self.transport.write(data)
 
     def _close(self) -> None:
         self.transport.loseConnection()
@@ -78,19 +69,28 @@ class ProxyProtocol(LegMixin, Protocol):
         if hasattr(transport, "bufferSize"):
             transport.bufferSize = FORWARD_BUFFER
             transport.SEND_LIMIT = SEND_LIMIT
-        self._direct = isinstance(getattr(transport, "socket", None), socket.socket) and hasattr(
-            transport, "_tempDataBuffer"
-        )
+
+    def _splice_socket(self) -> Any:
+        if self.splice_reactor is None:
+            return None
+        return handover.spliceable_socket(self.transport)
+
+    def _splice_reactor(self) -> Any:
+        return self.splice_reactor
 
 
 class ProxyFactory(Factory):
     """Builds :class:`ProxyProtocol` legs sharing one switchboard."""
 
-    def __init__(self, switchboard: Switchboard, handshake_timeout: float = 5.0) -> None:
+    def __init__(
+        self, switchboard: Switchboard, handshake_timeout: float = 5.0, splice_reactor: Any = None
+    ) -> None:
         self.switchboard = switchboard
         self.handshake_timeout = handshake_timeout
+        #: Splice paired TCP legs with this reactor (IReactorFDSet); None: userspace only.
+        self.splice_reactor = splice_reactor
 
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
-        proto = ProxyProtocol(self.switchboard, self.handshake_timeout)
+        proto = ProxyProtocol(self.switchboard, self.handshake_timeout, self.splice_reactor)
         proto.factory = self
         return proto

@@ -23,6 +23,7 @@ from .limits import (
     EarlyBudget,
 )
 from .protocol import ProxyFactory
+from .splice import splice_supported
 from .switchboard import Switchboard
 
 log = Logger(namespace="tvmrpc.proxy")
@@ -42,6 +43,12 @@ class Options(ListenOptions):
     )
     optFlags = [
         ["verbose", "v", "Log every connection that waits and every pairing."],
+        [
+            "no-splice",
+            None,
+            "Forward TCP legs in userspace (transport writes with flow control) "
+            "instead of splice(2) through kernel pipes.",
+        ],
     ]
     optParameters = [
         ["web-port", None, None, "HTTP/WebSocket port (path /ws); off if unset.", int],
@@ -147,7 +154,8 @@ def makeService(options: Options) -> service.IService:
         early=EarlyBudget(options["max-early-bytes"], options["max-early-total"]),
         device_keys=DeviceKeys(options["max-server-keys"]),
     )
-    factory = ProxyFactory(switchboard, options["handshake-timeout"])
+    splice_reactor = None if options["no-splice"] or not splice_supported() else reactor
+    factory = ProxyFactory(switchboard, options["handshake-timeout"], splice_reactor)
     top = service.MultiService()
     listener = listening_service(
         reactor, factory, "tvm-proxy", options, DEFAULT_PORT, DEFAULT_PORT_END

@@ -43,6 +43,7 @@ class ILeg(Interface):
 
     key = Attribute("The full handshake key string as received (options included).")
     peer_name = Attribute("A short description of the remote end, for logs.")
+    forwarding = Attribute("How the leg's bytes are forwarded once started (for logs).")
 
     def pair(peer: ILeg) -> None:  # noqa: N805 - zope interface method
         """Answer success with ``peer.key`` and start forwarding to ``peer``."""
@@ -135,6 +136,13 @@ class Switchboard:
             peer.pair(leg)
             leg.start()
             peer.start()
+            if self.verbose:
+                log.info(
+                    "forwarding {a} and {b} by {path}",
+                    a=leg.peer_name,
+                    b=peer.peer_name,
+                    path=leg.forwarding,
+                )
         elif isinstance(outcome, Waiting):
             if self.verbose:
                 log.info(
