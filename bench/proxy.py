@@ -237,7 +237,6 @@ def main(flags: list[str]) -> int:
             print("pairing latency ...", flush=True)
             lat = {name: pairing_latency(p, sessions) for name, p in ports.items()}
             table.add("pairing, both handshakes p50 (ms)", lat["stock"], lat["ours"], "lower")
-            print(table.render(), flush=True)
 
             size = 64 * MiB
             with running(start_proxied_server(logs, ours, "bench", wait=False)), running(

@@ -153,6 +153,55 @@ async def test_relay_stops_reading_while_the_pipe_is_full(reactor):
         r.close()
 
 
+@pytest.mark.parametrize("pipe_bytes", [4096, 1 << 20])
+@pytest_twisted.ensureDeferred
+async def test_relay_moves_everything_in_order_both_ways_at_once(reactor, monkeypatch, pipe_bytes):
+    """8 MiB each way at the same time, through pipes of one page (the size an
+    unprivileged user over its pipe quota gets) or of 1 MiB."""
+    import hashlib
+
+    from tvmrpc.proxy import splice
+
+    monkeypatch.setattr(splice, "PIPE_BYTES", (pipe_bytes,))
+    r = Relayed(reactor, prefix_to_a=b"A", prefix_to_b=b"B")
+    total = 8 << 20
+    blocks = {
+        side: bytes((i * (7 if side == "a" else 13)) % 251 for i in range(1 << 16)) for side in "ab"
+    }
+    try:
+        assert r.relay._directions[0].pipe.capacity == pipe_bytes
+        r.relay.start()
+        socks = {"a": r.peer_a, "b": r.peer_b}
+        for sock in socks.values():
+            sock.setblocking(False)
+        sent = {"a": 0, "b": 0}
+        got = {"a": b"", "b": b""}  # what each peer received (prefix first)
+        digests = {"a": hashlib.sha256(), "b": hashlib.sha256()}
+        received = {"a": 0, "b": 0}
+        while received["a"] < total + 1 or received["b"] < total + 1:
+            for side, sock in socks.items():
+                with contextlib.suppress(BlockingIOError):
+                    if sent[side] < total:
+                        offset = sent[side] % len(blocks[side])
+                        sent[side] += sock.send(blocks[side][offset:])
+                with contextlib.suppress(BlockingIOError):
+                    chunk = sock.recv(1 << 20)
+                    assert chunk, f"{side} closed early"
+                    if not got[side]:
+                        got[side], chunk = chunk[:1], chunk[1:]
+                    digests[side].update(chunk)
+                    received[side] += len(chunk) + (1 if received[side] == 0 else 0)
+            await turns(reactor, 1)
+        assert got == {"a": b"A", "b": b"B"}
+        for side, other in (("a", "b"), ("b", "a")):
+            expected = hashlib.sha256()
+            for _ in range(total // len(blocks[other])):
+                expected.update(blocks[other])
+            assert digests[side].hexdigest() == expected.hexdigest()
+    finally:
+        r.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_relay_destination_gone_finishes_once(reactor):
     r = Relayed(reactor)
