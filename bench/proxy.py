@@ -195,6 +195,17 @@ def stalled_growth(pid: int, port: int, total: int) -> float:
     return (peak - base) / MiB
 
 
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its children (stock's proxy forks its worker)."""
+    top = psutil.Process(pid)
+    total = 0.0
+    for proc in (top, *top.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def main(flags: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench proxy")
     parser.add_argument("--quick", action="store_true", help="smaller transfers, fewer samples")
@@ -221,11 +232,11 @@ def main(flags: list[str]) -> int:
             direct = raw_forwarding(direct_pair, raw_total, repeat)
             fwd, cpu = {}, {}
             for name, proc in (("stock", stock), ("ours", ours)):
-                # CPU the proxy process spends per GiB it forwards (both directions)
-                before = sum(psutil.Process(proc.proc.pid).cpu_times()[:2])
+                # CPU the proxy spends per GiB it forwards (both directions)
+                before = tree_cpu(proc.proc.pid)
                 fwd[name] = raw_forwarding(lambda p=proc.port: raw_pair(p, "raw"), raw_total,
                                            repeat)
-                spent = sum(psutil.Process(proc.proc.pid).cpu_times()[:2]) - before
+                spent = tree_cpu(proc.proc.pid) - before
                 cpu[name] = spent / (2 * repeat * raw_total / (1 << 30))
             for i, way in enumerate(("server->client", "client->server")):
                 table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i],
