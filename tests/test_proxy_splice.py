@@ -193,6 +193,7 @@ async def test_relay_moves_everything_in_order_both_ways_at_once(reactor, monkey
                     received[side] += len(chunk) + (1 if received[side] == 0 else 0)
             await turns(reactor, 1)
         assert got == {"a": b"A", "b": b"B"}
+        assert r.relay.moved == (total, total)
         for side, other in (("a", "b"), ("b", "a")):
             expected = hashlib.sha256()
             for _ in range(total // len(blocks[other])):

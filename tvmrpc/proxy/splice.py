@@ -158,6 +158,8 @@ class _Direction:
         self.dst = dst
         self.prefix = memoryview(prefix)
         self.pipe = _Pipe()
+        #: Bytes spliced from ``src`` to ``dst`` so far (the prefix not included).
+        self.moved = 0
 
     @property
     def pending(self) -> bool:
@@ -207,6 +209,11 @@ class SpliceRelay:
             d.src.start_reading()
             if d.pending:
                 self._pump_out(d)
+
+    @property
+    def moved(self) -> tuple[int, int]:
+        """Bytes delivered so far from ``a`` to ``b`` and from ``b`` to ``a``."""
+        return self._directions[0].moved, self._directions[1].moved
 
     def stop(self) -> None:
         """Give up at once (an owner closed its socket): nothing more is moved."""
@@ -270,6 +277,7 @@ class SpliceRelay:
                 if not moved:  # cannot happen while the pipe holds bytes; never spin
                     raise OSError(errno.EIO, "splice from a non-empty pipe moved nothing")
                 pipe.held -= moved
+                d.moved += moved
         except BlockingIOError:
             dst.start_writing()
             return
