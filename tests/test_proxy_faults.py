@@ -144,3 +144,22 @@ def test_bytes_sent_before_pairing_arrive_after_the_answer(proxy):
             assert recvall(client, 10) == b"sent early"
             client.sendall(b"and back")
             assert recvall(server, 8) == b"and back"
+
+
+def test_side_reset_mid_stream_closes_the_other_alone(proxy):
+    """A peer that resets (RST, not FIN) while bytes flow both ways."""
+    mark = proxy.mark()
+    server, client = raw_pair(proxy.port, "reset")
+    expect_path(proxy, mark)
+    other_server, other_client = raw_pair(proxy.port, "reset-bystander")
+    with server, client, other_server, other_client:
+        client.sendall(b"c" * (1 << 20))
+        server.sendall(b"s" * (1 << 20))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST: unread bytes and all
+        with contextlib.suppress(ConnectionResetError):
+            while server.recv(1 << 20):
+                pass
+        other_client.sendall(b"unaffected")
+        assert recvall(other_server, 10) == b"unaffected"
+    assert_alive(proxy.port, "after-reset")
