@@ -163,3 +163,32 @@ def test_side_reset_mid_stream_closes_the_other_alone(proxy):
         other_client.sendall(b"unaffected")
         assert recvall(other_server, 10) == b"unaffected"
     assert_alive(proxy.port, "after-reset")
+
+
+def test_many_pairings_leave_no_descriptors_behind(proxy):
+    """Each pairing's sockets (and, with splice, its dups and pipes) are closed when it ends."""
+    import psutil
+
+    def round_trip(server: socket.socket, client: socket.socket) -> None:
+        # a barrier: the proxy's reactor has run several turns once this returns
+        for _ in range(2):
+            client.sendall(b"ping")
+            assert recvall(server, 4) == b"ping"
+
+    proc = psutil.Process(proxy.proc.pid)
+    keep_server, keep_client = raw_pair(proxy.port, "fd-barrier")
+    with keep_server, keep_client:
+        round_trip(keep_server, keep_client)
+        before = proc.num_fds()
+        for i in range(40):
+            server, client = raw_pair(proxy.port, f"fd-{i}")
+            with server, client:
+                client.sendall(b"x" * 100_000)
+                assert recvall(server, 100_000) == b"x" * 100_000
+                first, second = (client, server) if i % 2 else (server, client)
+                first.close()
+                assert_closed(second)  # the proxy closed it: the pairing is over
+        round_trip(keep_server, keep_client)
+        after = proc.num_fds()
+    print(f"{proxy.path}: proxy fds {before} before 40 pairings, {after} after")
+    assert after == before
