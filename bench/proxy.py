@@ -40,8 +40,19 @@ def start_stock_proxy(log_dir: Path) -> Process:
     """``python -m tvm.exec.rpc_proxy`` on free ports (its web port cannot be switched off)."""
     port, web = free_port(), free_port()
     proc = Process(
-        [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", "127.0.0.1", "--port", str(port),
-         "--port-end", str(port + 1), "--web-port", str(web)],
+        [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+            "--web-port",
+            str(web),
+        ],
         log_dir / "stock-proxy.log",
     )
     proc.wait_for(rf"client port bind to 127\.0\.0\.1:{port}")
@@ -86,8 +97,9 @@ def direct_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def raw_forwarding(pair: Callable[[], tuple[socket.socket, socket.socket]], total: int,
-                   repeat: int) -> tuple[float, float]:
+def raw_forwarding(
+    pair: Callable[[], tuple[socket.socket, socket.socket]], total: int, repeat: int
+) -> tuple[float, float]:
     """Best MB/s (server->client, client->server) over ``repeat`` fresh pairs."""
     down, up = [], []
     for _ in range(repeat):
@@ -234,33 +246,47 @@ def main(flags: list[str]) -> int:
             for name, proc in (("stock", stock), ("ours", ours)):
                 # CPU the proxy spends per GiB it forwards (both directions)
                 before = tree_cpu(proc.proc.pid)
-                fwd[name] = raw_forwarding(lambda p=proc.port: raw_pair(p, "raw"), raw_total,
-                                           repeat)
+                fwd[name] = raw_forwarding(
+                    lambda p=proc.port: raw_pair(p, "raw"), raw_total, repeat
+                )
                 spent = tree_cpu(proc.proc.pid) - before
                 cpu[name] = spent / (2 * repeat * raw_total / (1 << 30))
             for i, way in enumerate(("server->client", "client->server")):
-                table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i],
-                          "higher")
-                vs_direct.append(f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
-                                 f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
-                                 f"{fwd['stock'][i] / direct[i]:.0%}")
+                table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i], "higher")
+                vs_direct.append(
+                    f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
+                    f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
+                    f"{fwd['stock'][i] / direct[i]:.0%}"
+                )
             table.add("proxy CPU per GiB forwarded (s)", cpu["stock"], cpu["ours"], "lower")
             print("pairing latency ...", flush=True)
             lat = {name: pairing_latency(p, sessions) for name, p in ports.items()}
             table.add("pairing, both handshakes p50 (ms)", lat["stock"], lat["ours"], "lower")
 
             size = 64 * MiB
-            with running(start_proxied_server(logs, ours, "bench", wait=False)), running(
-                start_stock_server(logs, "bench")
-            ) as direct_server:
+            with (
+                running(start_proxied_server(logs, ours, "bench", wait=False)),
+                running(start_stock_server(logs, "bench")) as direct_server,
+            ):
                 stock_server = Process(
-                    [sys.executable, "-m", "tvm.exec.rpc_server", "--through-proxy", "--host",
-                     "127.0.0.1", "--port", str(stock.port), "--key", "bench"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "tvm.exec.rpc_server",
+                        "--through-proxy",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(stock.port),
+                        "--key",
+                        "bench",
+                    ],
                     logs / "server-at-stock.log",
                 )
                 with running(stock_server):
-                    stock_server.wait_for(r"RPCProxy|Connection established|connected|INFO",
-                                          timeout=60)
+                    stock_server.wait_for(
+                        r"RPCProxy|Connection established|connected|INFO", timeout=60
+                    )
                     print("stock client 64 MiB upload/download ...", flush=True)
                     # interleaved rounds, best of each: the machine's load drifts
                     targets = {**ports, "direct": direct_server.port}
@@ -268,15 +294,23 @@ def main(flags: list[str]) -> int:
                     for _ in range(repeat + 1):
                         for name, p in targets.items():
                             rounds[name].append(stock_transfer("127.0.0.1", p, "bench", size, 1))
-                    via = {name: (max(r[0] for r in got), max(r[1] for r in got))
-                           for name, got in rounds.items()}
+                    via = {
+                        name: (max(r[0] for r in got), max(r[1] for r in got))
+                        for name, got in rounds.items()
+                    }
                     d = via["direct"]
                     for i, way in enumerate(("upload", "download")):
-                        table.add(f"stock client 64 MiB {way} (MB/s)", via["stock"][i],
-                                  via["ours"][i], "higher")
-                        vs_direct.append(f"stock client {way}: direct {d[i]:.1f} MB/s; ours "
-                                         f"{via['ours'][i] / d[i]:.0%} of direct, stock "
-                                         f"{via['stock'][i] / d[i]:.0%}")
+                        table.add(
+                            f"stock client 64 MiB {way} (MB/s)",
+                            via["stock"][i],
+                            via["ours"][i],
+                            "higher",
+                        )
+                        vs_direct.append(
+                            f"stock client {way}: direct {d[i]:.1f} MB/s; ours "
+                            f"{via['ours'][i] / d[i]:.0%} of direct, stock "
+                            f"{via['stock'][i] / d[i]:.0%}"
+                        )
                     print("session setup ...", flush=True)
                     samples: dict[str, list[float]] = {name: [] for name in ports}
                     for _ in range(sessions // 5):
@@ -286,10 +320,16 @@ def main(flags: list[str]) -> int:
                     table.add("session setup p50 (ms)", setup["stock"], setup["ours"], "lower")
 
             print(f"stalled reader, {stall_total // MiB} MiB ...", flush=True)
-            growth = {name: stalled_growth(proc.proc.pid, proc.port, stall_total)
-                      for name, proc in (("stock", stock), ("ours", ours))}
-            table.add(f"RSS growth, {stall_total // MiB} MiB to stalled reader (MiB)",
-                      growth["stock"], max(growth["ours"], 0.1), "lower")
+            growth = {
+                name: stalled_growth(proc.proc.pid, proc.port, stall_total)
+                for name, proc in (("stock", stock), ("ours", ours))
+            }
+            table.add(
+                f"RSS growth, {stall_total // MiB} MiB to stalled reader (MiB)",
+                growth["stock"],
+                max(growth["ours"], 0.1),
+                "lower",
+            )
     print(table.render(), flush=True)
     print("\n".join(vs_direct), flush=True)
     return 0
