@@ -1,0 +1,337 @@
+"""The seed's whole journey with the board emulated: an arm64 Debian chroot as board C.
+
+Tracker and proxy run on the lab host (namespace B of tests/netns.py); the
+board is an arm64 root filesystem (mmdebstrap, cached) in namespace C, which
+reaches only B, its programs run by qemu-user through binfmt_misc. The
+bundle is made with the project's own ``python -m crossbuild bundle
+--from-wheel`` and installed on the board offline by its ``install.sh``; the
+installed ``tvm-server`` registers through B's proxy (and, in a second case,
+with the tracker directly). A stock client compiles a relax MLP for aarch64
+on the host, requests the key, runs it on the board, checks it against numpy
+and times it with ``time_evaluator``; then the board's server gets SIGTERM
+and must leave no process on the board.
+
+A reaches only B, so the directly registered server (whose address the
+tracker hands out as C's) is requested from B, the lab host, where C is
+reachable; the proxied one from A, as a developer would.
+
+Caches (keyed by their inputs, in pytest's cache directory, which pytest.ini
+puts outside the checkout so a fresh clone reuses them): the root filesystem
+tarball and the board's wheels (the 95 MB aarch64 apache-tvm wheel included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from crossbuild import emulate
+from tests.netns import NetnsUnavailable, Topology
+from tests.support import Process
+from tvmrpc.demo import daemons, tracker_state
+from tvmrpc.demo.board import EmulatedBoard
+from tvmrpc.mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+TRACKER_PORT = 9190
+PROXY_PORT = 9090
+SERVER_PORT = 9091  # the directly registered board's port, in C
+START = 120.0  # seconds for a daemon under emulation to come up or register
+STOP = 60.0  # seconds for the board to stop after SIGTERM (sessions end, workers exit)
+TIME_RUNS = 20
+
+
+def existing(pids: list[int]) -> list[psutil.Process]:
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))
+    return procs
+
+
+def timed(what: str, func: Any) -> Any:
+    started = time.monotonic()
+    result = func()
+    print(f"\n[board-aarch64] {what}: {time.monotonic() - started:.1f} s: {result}")
+    return result
+
+
+# -- pure parts of the emulation (no root needed) -------------------------------------
+
+
+def test_registration_gets_the_f_flag_and_keeps_the_rest() -> None:
+    conf = "# comment\n:qemu-aarch64:M::\\x7fELF:\\xff\\xff:/usr/libexec/qemu-binfmt/a-P:OP\n"
+    line = emulate.registration_line(conf)
+    assert line == ":qemu-aarch64:M::\\x7fELF:\\xff\\xff:/usr/libexec/qemu-binfmt/a-P:OPF"
+    assert emulate.registration_line(line) == line  # F already there: unchanged
+    assert emulate.entry_name(line) == "qemu-aarch64"
+    with pytest.raises(emulate.CrossbuildError, match="no binfmt_misc registration"):
+        emulate.registration_line("# nothing\n")
+
+
+def test_missing_packages_give_the_apt_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = emulate.emulated("aarch64-linux-gnu")
+    have = {"unshare", "chroot", "aarch64-linux-gnu-g++"}
+    missing = emulate.missing_packages(
+        board, which=lambda tool: tool if tool in have else None, exists=lambda path: False
+    )
+    assert missing == ["qemu-user-static", "mmdebstrap"]
+    monkeypatch.setattr(emulate.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(emulate, "missing_packages", lambda *a, **k: missing)
+    with pytest.raises(emulate.MissingPackages) as info:
+        emulate.check_host(board)
+    assert str(info.value).endswith(": apt-get install -y qemu-user-static mmdebstrap")
+    assert "\n" not in str(info.value)
+
+
+def test_without_root_the_reason_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(emulate.os, "geteuid", lambda: 1000)
+    with pytest.raises(emulate.EmulationUnavailable, match="needs root"):
+        emulate.check_host(emulate.emulated("aarch64-linux-gnu"))
+
+
+# -- the journey ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    topology = Topology()
+    try:
+        topology.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield topology
+    finally:
+        topology.destroy()
+
+
+@pytest.fixture(scope="module")
+def board(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, topo: Topology
+) -> Iterator[EmulatedBoard]:
+    """Board C: root filesystem, bundle made by the project's command, installed (plain)."""
+    cache = Path(request.config.cache.mkdir("board-aarch64"))
+    emulated = EmulatedBoard(tmp_path_factory.mktemp("board-aarch64"), cache_dir=cache)
+    try:
+        emulated.check()
+    except emulate.MissingPackages as exc:
+        pytest.fail(str(exc))  # CI installs them (.ci/run): missing is a failure, not a skip
+    except emulate.EmulationUnavailable as exc:
+        pytest.skip(str(exc))
+    timed("root filesystem", emulated.make_root)
+    timed("bundle", emulated.make_bundle)
+    timed("install.sh --plain on the board", emulated.install)
+    yield emulated
+    assert emulated.processes() == [], "processes left on the board"
+    emulated.remove()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MLP compiled on the host for the board, as a user would."""
+    out = tmp_path_factory.mktemp("mlp-aarch64")
+    return timed(
+        "compile the MLP for aarch64", lambda: build_mlp(out, target=AARCH64_TARGET, cc=AARCH64_CC)
+    )
+
+
+class Lab:
+    """Tracker and proxy in B; board servers in C; stock clients in A (or B)."""
+
+    def __init__(self, topo: Topology, log_dir: Path) -> None:
+        self.topo = topo
+        self.log_dir = log_dir
+        self.procs: list[Process] = []
+        self.tracker_from_a = (topo.B_A_ADDR, TRACKER_PORT)
+
+    def spawn(self, ns: Any, name: str, argv: list[str]) -> Process:
+        proc = Process(ns.argv(*argv), self.log_dir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        tracker = self.spawn(self.topo.b, "tracker", daemons.tracker_argv("0.0.0.0", TRACKER_PORT))
+        tracker.wait_for(r"tvm-tracker listening on", START)
+        proxy = self.spawn(
+            self.topo.b,
+            "proxy",
+            daemons.proxy_argv(
+                "0.0.0.0",
+                ("127.0.0.1", TRACKER_PORT),
+                custom_addr=self.topo.B_A_ADDR,
+                port=PROXY_PORT,
+            ),
+        )
+        proxy.wait_for(r"tvm-proxy listening on", START)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def wait_free(self, key: str) -> dict[str, Any]:
+        return tracker_state.wait_until(
+            self.tracker_from_a,
+            lambda s: tracker_state.queue(s, key)[0] >= 1,
+            START,
+            f"{key} free at the tracker",
+            connect=self.topo.a.connect,
+        )
+
+    def session(self, ns: Any, tracker: tuple[str, int], key: str, library: Path) -> dict:
+        """A stock client in ``ns``: request, upload, run, check, time_evaluator."""
+        proc = self.spawn(
+            ns,
+            f"client-{key}",
+            [
+                sys.executable,
+                "-m",
+                "tvmrpc.demo.session",
+                "--tracker",
+                f"{tracker[0]}:{tracker[1]}",
+                "--key",
+                key,
+                "--library",
+                str(library),
+                "--session-timeout",
+                str(START),
+                "--time-runs",
+                str(TIME_RUNS),
+            ],
+        )
+        result = json.loads(proc.wait_for(r'^\{"key"', START).string)
+        proc.stop()
+        return result
+
+
+@pytest.fixture(scope="module")
+def lab(topo: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab(topo, tmp_path_factory.mktemp("board-lab"))
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.stop()
+
+
+def serve_and_stop(
+    lab: Lab,
+    board: EmulatedBoard,
+    key: str,
+    flags: list[str],
+    client_ns: Any,
+    tracker: tuple[str, int],
+    library: Path,
+) -> None:
+    """Start the board's server, run a session from ``client_ns``, SIGTERM it, check the board
+    is empty."""
+    started = time.monotonic()
+    server = lab.spawn(lab.topo.c, f"board-{key}", board.server_argv("--key", key, *flags))
+    try:
+        state = lab.wait_free(key)
+        print(
+            f"\n[board-aarch64] {key}: registered {time.monotonic() - started:.1f} s after "
+            f"start; tracker: {state['queue_info']}"
+        )
+        server.wait_for(r"worker zygote \d+ warm", START)
+        print(f"[board-aarch64] {key}: zygote warm {time.monotonic() - started:.1f} s after start")
+        result = lab.session(client_ns, tracker, key, library)
+        print(f"[board-aarch64] {key}: session {json.dumps(result)}")
+        assert result["ok"], result
+        assert result["max_error"] < 1e-4
+        runs = result["run_seconds"]
+        assert len(runs) == 3, runs
+        assert all(t > 0 for t in runs), runs
+        print(
+            f"[board-aarch64] {key}: forward on the emulated board "
+            f"{min(runs) * 1e6:.0f} us (best of 3 means of {TIME_RUNS})"
+        )
+        on_board = board.processes()
+        assert server.proc.pid in on_board, (server.proc.pid, on_board)
+    except BaseException:
+        server.stop()
+        raise
+    stopping = time.monotonic()
+    os.kill(server.proc.pid, signal.SIGTERM)  # the server only, as an init system would
+    code = server.proc.wait(STOP)
+    assert code in (0, -signal.SIGTERM), f"exit status {code}:\n{server.output[-2000:]}"
+    # The zygote and its workers are not our children: wait for them through psutil.
+    _gone, alive = psutil.wait_procs(existing(on_board), timeout=STOP)
+    assert alive == [], "processes left on the board after SIGTERM"
+    assert board.processes() == [], "processes started on the board after SIGTERM"
+    print(
+        f"[board-aarch64] {key}: stopped on SIGTERM in {time.monotonic() - stopping:.1f} s, "
+        "no process left on the board"
+    )
+    server.stop()
+
+
+def test_board_serves_through_the_proxy(
+    lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
+) -> None:
+    serve_and_stop(
+        lab,
+        board,
+        "aarch64-proxied",
+        ["--through-proxy", "--host", topo.B_C_ADDR, "--port", str(PROXY_PORT)],
+        topo.a,
+        lab.tracker_from_a,
+        library,
+    )
+
+
+def test_board_registered_with_the_tracker_directly(
+    lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
+) -> None:
+    serve_and_stop(
+        lab,
+        board,
+        "aarch64-direct",
+        ["--tracker", f"{topo.B_C_ADDR}:{TRACKER_PORT}", "--port", str(SERVER_PORT)],
+        topo.b,
+        ("127.0.0.1", TRACKER_PORT),
+        library,
+    )
+    tracker_state.wait_until(
+        lab.tracker_from_a,
+        lambda s: (
+            all(i["key"] != "server:aarch64-direct" for i in s["server_info"])
+            and tracker_state.queue(s, "aarch64-direct") == (0, 0)
+        ),
+        START,
+        "the stopped board gone from the tracker",
+        connect=topo.a.connect,
+    )
+
+
+def test_venv_install_serves_too(
+    lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
+) -> None:
+    """install.sh --venv: pip under emulation, so slow (90-110 s measured)."""
+    line = timed(
+        "install.sh --venv on the board", lambda: board.install("venv", prefix="/opt/tvmrpc-venv")
+    )
+    assert re.match(r"installed \(venv\) in /opt/tvmrpc-venv", line), line
+    flags = ["--through-proxy", "--host", topo.B_C_ADDR, "--port", str(PROXY_PORT)]
+    started = time.monotonic()
+    argv = board.server_argv("--key", "aarch64-venv", *flags, prefix="/opt/tvmrpc-venv")
+    server = lab.spawn(topo.c, "board-venv", argv)
+    try:
+        lab.wait_free("aarch64-venv")
+        print(f"[board-aarch64] venv: registered {time.monotonic() - started:.1f} s after start")
+        result = lab.session(topo.a, lab.tracker_from_a, "aarch64-venv", library)
+        assert result["ok"], result
+    finally:
+        server.stop()
