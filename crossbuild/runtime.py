@@ -180,7 +180,12 @@ def runtime_from_wheel(
     """
     with tempfile.TemporaryDirectory(prefix="tvm-wheel-") as tmp:
         got = pip_download(
-            [f"apache-tvm=={tvm_version}"], Path(tmp), python, platforms, True, pip_args,
+            [f"apache-tvm=={tvm_version}"],
+            Path(tmp),
+            python,
+            platforms,
+            True,
+            pip_args,
             wheel_dir,
         )
         wheels = [p for p in got if parse_wheel_name(p.name).name == "apache-tvm"]

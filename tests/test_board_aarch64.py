@@ -22,11 +22,14 @@ tarball and the board's wheels (the 95 MB aarch64 apache-tvm wheel included).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -38,9 +41,10 @@ import pytest
 
 from crossbuild import emulate
 from tests.netns import NetnsUnavailable, Topology
-from tests.support import Process
-from tvmrpc.demo import daemons, tracker_state
-from tvmrpc.demo.board import EmulatedBoard
+from tests.support import Process, subprocess_env
+from tvmrpc import demo
+from tvmrpc.demo import daemons, runner, tracker_state
+from tvmrpc.demo.board import EmulatedBoard, host_tvm_version
 from tvmrpc.mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -335,3 +339,80 @@ def test_venv_install_serves_too(
         assert result["ok"], result
     finally:
         server.stop()
+
+
+def test_the_wheels_are_fetched_once(board: EmulatedBoard, tmp_path: Path) -> None:
+    """The bundle's --wheel-dir kept the index's wheels (not the checkout's tvmrpc wheel), and
+    the runtime comes from there with the index switched off."""
+    wheel_dir = board.cache_dir / "wheels"
+    names = sorted(p.name for p in wheel_dir.glob("*.whl"))
+    assert any(n.startswith("apache_tvm-") and "aarch64" in n for n in names), names
+    assert not any(n.startswith("tvmrpc-") for n in names), names
+    argv = [
+        sys.executable,
+        "-m",
+        "crossbuild",
+        "runtime",
+        "--from-wheel",
+        "--target",
+        "aarch64-linux-gnu",
+        "--tvm-version",
+        host_tvm_version(),
+        "--python",
+        "3.11",
+        "--glibc",
+        "2.36",
+        "--wheel-dir",
+        str(wheel_dir),
+        "-o",
+        str(tmp_path / "rt"),
+    ]
+    env = subprocess_env({"PIP_NO_INDEX": "1"})  # nothing from the network
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "libtvm_runtime.so  AArch64" in done.stdout
+
+
+def demo_args(tmp_path: Path) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(
+        [
+            "--board",
+            "aarch64",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+
+
+def test_demo_without_root_fails_in_one_line_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emulate.os, "geteuid", lambda: 1000)
+    out = io.StringIO()
+    assert runner.main(demo_args(tmp_path), out) == 1
+    text = out.getvalue()
+    assert (
+        "tvmrpc demo: FAILED at step 'check that this machine can emulate an aarch64 board'"
+        ": an emulated board needs root" in text
+    ), text
+    assert "start the tracker" not in text
+    assert not (tmp_path / "cache").exists()
+
+
+def test_demo_names_the_apt_line_for_missing_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emulate.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(emulate, "missing_packages", lambda *a, **k: ["mmdebstrap"])
+    out = io.StringIO()
+    assert runner.main(demo_args(tmp_path), out) == 1
+    last = [line for line in out.getvalue().splitlines() if "FAILED at step" in line]
+    assert last == [
+        "tvmrpc demo: FAILED at step 'check that this machine can emulate an "
+        "aarch64 board': an emulated aarch64-linux-gnu board needs mmdebstrap: "
+        "apt-get install -y mmdebstrap"
+    ]
