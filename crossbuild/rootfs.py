@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,10 +108,10 @@ def cached_rootfs(spec: RootfsSpec, cache_dir: Path, log: Path) -> tuple[Path, b
     return build_rootfs(spec, path, log), True
 
 
-def unpack_rootfs(tarball: Path, dest: Path, extra: Sequence[str] = ()) -> Path:
+def unpack_rootfs(tarball: Path, dest: Path) -> Path:
     """Extract ``tarball`` into the new directory ``dest`` (owners and modes kept)."""
     dest.mkdir(parents=True)
-    argv = ["tar", "--numeric-owner", "-xpf", str(tarball), "-C", str(dest), *extra]
+    argv = ["tar", "--numeric-owner", "-xpf", str(tarball), "-C", str(dest)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise CrossbuildError(f"cannot unpack {tarball}: {done.stderr.strip()}")

@@ -39,15 +39,14 @@ from typing import Any
 import psutil
 import pytest
 
-from crossbuild import emulate
+from crossbuild import emulate, rootfs
+from crossbuild.wheels import keep_wheels
 from tests.netns import NetnsUnavailable, Topology
 from tests.support import Process, subprocess_env
 from tvmrpc import demo
 from tvmrpc.demo import daemons, runner, tracker_state
 from tvmrpc.demo.board import EmulatedBoard, host_tvm_version
 from tvmrpc.mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
-
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 TRACKER_PORT = 9190
 PROXY_PORT = 9090
@@ -282,6 +281,8 @@ def serve_and_stop(
     server.stop()
 
 
+@pytest.mark.netns  # the journey: namespaces and an emulated board
+@pytest.mark.slow
 def test_board_serves_through_the_proxy(
     lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
 ) -> None:
@@ -296,6 +297,8 @@ def test_board_serves_through_the_proxy(
     )
 
 
+@pytest.mark.netns  # the journey: namespaces and an emulated board
+@pytest.mark.slow
 def test_board_registered_with_the_tracker_directly(
     lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
 ) -> None:
@@ -320,6 +323,8 @@ def test_board_registered_with_the_tracker_directly(
     )
 
 
+@pytest.mark.netns  # the journey: namespaces and an emulated board
+@pytest.mark.slow
 def test_venv_install_serves_too(
     lab: Lab, board: EmulatedBoard, library: Path, topo: Topology
 ) -> None:
@@ -341,6 +346,8 @@ def test_venv_install_serves_too(
         server.stop()
 
 
+@pytest.mark.netns  # the journey: namespaces and an emulated board
+@pytest.mark.slow
 def test_the_wheels_are_fetched_once(board: EmulatedBoard, tmp_path: Path) -> None:
     """The bundle's --wheel-dir kept the index's wheels (not the checkout's tvmrpc wheel), and
     the runtime comes from there with the index switched off."""
@@ -416,3 +423,40 @@ def test_demo_names_the_apt_line_for_missing_packages(
         "aarch64 board': an emulated aarch64-linux-gnu board needs mmdebstrap: "
         "apt-get install -y mmdebstrap"
     ]
+
+
+def test_rootfs_cache_key_follows_every_input() -> None:
+    base = rootfs.RootfsSpec()
+    variants = [
+        rootfs.RootfsSpec(packages=(*rootfs.PACKAGES, "curl")),
+        rootfs.RootfsSpec(suite="trixie"),
+        rootfs.RootfsSpec(arch="armhf"),
+        rootfs.RootfsSpec(mirror="http://mirror.example/debian"),
+    ]
+    keys = {base.key(), *(v.key() for v in variants)}
+    assert len(keys) == 1 + len(variants)
+    assert base.key() == rootfs.RootfsSpec().key()
+    argv = rootfs.mmdebstrap_argv(base, Path("/x/out.tar"))
+    assert argv[:3] == ["mmdebstrap", "--arch=arm64", "--variant=extract"]
+    assert argv[-3:] == ["bookworm", "/x/out.tar", rootfs.DEFAULT_MIRROR]
+    assert "--include=" + ",".join(rootfs.PACKAGES) in argv
+    with pytest.raises(rootfs.CrossbuildError, match="unknown suite"):
+        rootfs.RootfsSpec(suite="hamm")
+
+
+def test_wheel_dir_keeps_only_what_an_index_served(tmp_path: Path) -> None:
+    got = tmp_path / "got"
+    got.mkdir()
+    for name in ("a-1-py3-none-any.whl", "tvmrpc-0.1.0-py3-none-any.whl", "b-1.tar.gz"):
+        (got / name).write_text(name)
+    kept_dir = tmp_path / "wheels"
+    kept_dir.mkdir()
+    (kept_dir / "c-1-py3-none-any.whl").write_text("old")
+    (got / "c-1-py3-none-any.whl").write_text("new")
+    kept = keep_wheels(sorted(got.iterdir()), kept_dir, skip={"tvmrpc-0.1.0-py3-none-any.whl"})
+    assert [p.name for p in kept] == ["a-1-py3-none-any.whl"]
+    assert sorted(p.name for p in kept_dir.iterdir()) == [
+        "a-1-py3-none-any.whl",
+        "c-1-py3-none-any.whl",
+    ]
+    assert (kept_dir / "c-1-py3-none-any.whl").read_text() == "old"

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,10 +142,11 @@ class EmulatedBoard:
         if mode not in ("plain", "venv"):
             raise CrossbuildError(f"install mode is plain or venv, not {mode!r}")
         shutil.copy2(self.bundle, self.root / "tmp" / self.bundle.name)
-        top = self.bundle.name.removesuffix(".tar.gz")
+        name = shlex.quote(self.bundle.name)
+        top = shlex.quote(self.bundle.name.removesuffix(".tar.gz"))
         script = (
-            f"cd /tmp && rm -rf {top} && tar xzf {self.bundle.name} && "
-            f"{top}/install.sh --{mode} --prefix {prefix}"
+            f"cd /tmp && rm -rf {top} && tar xzf {name} && "
+            f"{top}/install.sh --{mode} --prefix {shlex.quote(prefix)}"
         )
         out = _run(
             self.board.argv("/bin/sh", "-c", script),
