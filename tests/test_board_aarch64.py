@@ -460,3 +460,22 @@ def test_wheel_dir_keeps_only_what_an_index_served(tmp_path: Path) -> None:
         "c-1-py3-none-any.whl",
     ]
     assert (kept_dir / "c-1-py3-none-any.whl").read_text() == "old"
+
+
+def test_host_registration_without_a_private_binfmt_misc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels before 6.7: the host's table, registered once; an entry without F is refused."""
+    table = tmp_path / "binfmt_misc"
+    table.mkdir()
+    (table / "register").write_text("")
+    monkeypatch.setattr(emulate, "BINFMT_DIR", table)
+    line = ":qemu-aarch64:M::\\x7fELF:\\xff:/usr/bin/qemu-aarch64-static:OCF"
+    assert emulate.register_on_host(line).startswith("registered qemu-aarch64 in ")
+    assert (table / "register").read_text() == line
+    (table / "qemu-aarch64").write_text("enabled\ninterpreter /q\nflags: OCF\n")
+    assert "already registered" in emulate.register_on_host(line)
+    (table / "qemu-aarch64").write_text("enabled\ninterpreter /q\nflags: OC\n")
+    with pytest.raises(emulate.EmulationUnavailable, match="without the F flag") as info:
+        emulate.register_on_host(line)
+    assert str(info.value).endswith(f"echo -1 > {table / 'qemu-aarch64'} and run again")
