@@ -41,6 +41,7 @@ import pytest
 
 from crossbuild import emulate, rootfs
 from crossbuild.wheels import keep_wheels
+from tests import netns
 from tests.netns import NetnsUnavailable, Topology
 from tests.support import Process, subprocess_env
 from tvmrpc import demo
@@ -110,7 +111,8 @@ def test_without_root_the_reason_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[Topology]:
-    topology = Topology()
+    # Its own names: tests/test_topology.py builds one in this same process.
+    topology = Topology(tag=f"{netns.PREFIX}{os.getpid()}-arm")
     try:
         topology.create()
     except NetnsUnavailable as exc:
