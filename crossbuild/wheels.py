@@ -194,7 +194,14 @@ def build_tvmrpc_wheel(source: Path, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="tvmrpc-src-") as tmp:
         copy = Path(tmp) / "tvmrpc"
         copy.mkdir()
-        for name in ("setup.py", "README.md", "setup.cfg", "pyproject.toml", "MANIFEST.in"):
+        for name in (
+            "setup.py",
+            "README.md",
+            "LICENSE",
+            "setup.cfg",
+            "pyproject.toml",
+            "MANIFEST.in",
+        ):
             if (source / name).is_file():
                 shutil.copy2(source / name, copy / name)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
