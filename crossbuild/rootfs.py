@@ -4,7 +4,8 @@
 libstdc++ for the TVM runtime, a shell and the tools ``install.sh`` uses)
 without running any of the board's maintainer scripts, so building it needs
 no emulation; hooks add what those scripts would have made (``/etc/passwd``,
-``/etc/group``, ``/proc`` and ``/opt``). The result is a tar file.
+``/etc/group``, the merged-/usr links ``/bin``, ``/sbin``, ``/lib`` where the
+suite has no such directories, ``/proc`` and ``/opt``). The result is a tar file.
 
 Invariants:
 - :meth:`RootfsSpec.key` changes whenever an input of the build changes
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from crossbuild.errors import CrossbuildError
 
-RECIPE = 1  # bump when the hooks or the build change
+RECIPE = 2  # bump when the hooks or the build change
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: Enough for install.sh (sh, coreutils, sed, tar, gzip) and the server (python3,
 #: libstdc++6 for libtvm_runtime.so); python3-venv for install.sh --venv.
@@ -34,6 +35,8 @@ PACKAGES = ("dash", "coreutils", "sed", "tar", "gzip", "python3", "python3-venv"
 SUITES = {"bookworm": ((3, 11), (2, 36)), "trixie": ((3, 13), (2, 41))}
 
 _HOOKS = (
+    # merged /usr (trixie on): base-files' scripts would make these links; extract runs none.
+    'for d in bin sbin lib; do [ -e "$1/$d" ] || ln -s "usr/$d" "$1/$d"; done',
     'printf "root:x:0:0:root:/root:/bin/sh\\nnobody:x:65534:65534:nobody:/nonexistent:'
     '/usr/sbin/nologin\\n" > "$1/etc/passwd"',
     'printf "root:x:0:\\nnogroup:x:65534:\\n" > "$1/etc/group"',
@@ -78,7 +81,7 @@ def mmdebstrap_argv(spec: RootfsSpec, output: Path) -> list[str]:
         "--format=tar",
         "--include=" + ",".join(spec.packages),
     ]
-    argv += [f"--customize-hook={hook}" for hook in _HOOKS]
+    argv += [f"--extract-hook={hook}" for hook in _HOOKS]  # the only hooks extract runs
     return [*argv, spec.suite, str(output), spec.mirror]
 
 
@@ -106,6 +109,25 @@ def cached_rootfs(spec: RootfsSpec, cache_dir: Path, log: Path) -> tuple[Path, b
     if path.is_file():
         return path, False
     return build_rootfs(spec, path, log), True
+
+
+def parse_python(text: str) -> tuple[int, int]:
+    """``"3.11"`` -> ``(3, 11)``; a one-line error otherwise (pure)."""
+    major, _, minor = text.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise CrossbuildError(f"not a Python version: {text!r}")
+    return int(major), int(minor)
+
+
+def suite_for_python(python: tuple[int, int]) -> str:
+    """The suite whose python3 is ``python``; a one-line error lists what there is (pure)."""
+    for suite, (version, _glibc) in SUITES.items():
+        if version == python:
+            return suite
+    have = ", ".join(f"{s} {v[0]}.{v[1]}" for s, (v, _g) in SUITES.items())
+    raise CrossbuildError(
+        f"no emulated board has Python {python[0]}.{python[1]}; there are: {have}"
+    )
 
 
 def unpack_rootfs(tarball: Path, dest: Path) -> Path:

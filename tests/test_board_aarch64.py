@@ -31,6 +31,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,8 @@ def board(
     except emulate.EmulationUnavailable as exc:
         pytest.skip(str(exc))
     timed("root filesystem", emulated.make_root)
+    # What mmdebstrap's hooks add (extract runs no maintainer scripts): users, /proc.
+    assert emulated.shell("id -un; cat /proc/self/comm").split() == ["root", "cat"]
     timed("bundle", emulated.make_bundle)
     timed("install.sh --plain on the board", emulated.install)
     yield emulated
@@ -438,10 +441,40 @@ def test_rootfs_cache_key_follows_every_input() -> None:
     assert base.key() == rootfs.RootfsSpec().key()
     argv = rootfs.mmdebstrap_argv(base, Path("/x/out.tar"))
     assert argv[:3] == ["mmdebstrap", "--arch=arm64", "--variant=extract"]
+    # extract runs only extract hooks: customize hooks would be skipped silently
+    assert not [a for a in argv if a.startswith("--customize-hook")]
+    assert len([a for a in argv if a.startswith("--extract-hook=")]) >= 3
     assert argv[-3:] == ["bookworm", "/x/out.tar", rootfs.DEFAULT_MIRROR]
     assert "--include=" + ",".join(rootfs.PACKAGES) in argv
     with pytest.raises(rootfs.CrossbuildError, match="unknown suite"):
         rootfs.RootfsSpec(suite="hamm")
+
+
+def test_a_given_bundle_picks_the_suite_of_its_python(tmp_path: Path) -> None:
+    def bundle(target: str, python: str) -> Path:
+        path = tmp_path / f"b-{target}-{python}.tar.gz"
+        data = json.dumps({"target": target, "python": python}).encode()
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo("tvmrpc-server/manifest.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return path
+
+    board = EmulatedBoard(tmp_path / "work", cache_dir=tmp_path / "cache")
+    assert board.use_bundle(bundle("aarch64-linux-gnu", "3.13")).endswith("runs Debian trixie")
+    assert board.spec.suite == "trixie"
+    assert board.use_bundle(bundle("aarch64-linux-gnu", "3.11")).endswith("runs Debian bookworm")
+    with pytest.raises(
+        emulate.CrossbuildError,
+        match=r"no emulated board has Python 3\.12; "
+        r"there are: bookworm 3\.11, trixie 3\.13",
+    ):
+        board.use_bundle(bundle("aarch64-linux-gnu", "3.12"))
+    with pytest.raises(emulate.CrossbuildError, match="a bundle for riscv64-linux-gnu, the board"):
+        board.use_bundle(bundle("riscv64-linux-gnu", "3.11"))
+    (tmp_path / "junk.tar.gz").write_text("not a tar file")
+    with pytest.raises(emulate.CrossbuildError, match=r"cannot read .* as a bundle"):
+        board.use_bundle(tmp_path / "junk.tar.gz")
 
 
 def test_wheel_dir_keeps_only_what_an_index_served(tmp_path: Path) -> None:

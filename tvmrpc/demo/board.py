@@ -18,11 +18,14 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -86,6 +89,26 @@ def _run(argv: Sequence[str], log: Path, what: str, timeout: float) -> str:
     return done.stdout
 
 
+def read_manifest(bundle: Path) -> dict:
+    """The ``manifest.json`` inside a bundle made by ``crossbuild bundle``."""
+    try:
+        with tarfile.open(bundle) as tar:
+            member = next(
+                (
+                    m
+                    for m in tar.getmembers()
+                    if m.name.count("/") == 1 and m.name.endswith("/manifest.json")
+                ),
+                None,
+            )
+            stream = tar.extractfile(member) if member is not None else None
+            if stream is None:
+                raise CrossbuildError(f"{bundle} has no manifest.json: not a crossbuild bundle")
+            return json.loads(stream.read().decode("utf-8"))
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        raise CrossbuildError(f"cannot read {bundle} as a bundle: {exc}") from None
+
+
 @attrs.define
 class EmulatedBoard:
     """One board's journey; each method is one step and returns what it did in a line."""
@@ -135,6 +158,28 @@ class EmulatedBoard:
         _run(argv, self.log, "crossbuild bundle", self.timeout)
         return " ".join(["python", *argv[1:]])
 
+    def use_bundle(self, bundle: Path) -> str:
+        """Take a ready bundle instead of making one; the board gets the Debian suite whose
+        Python the bundle is for. Call before :meth:`make_root`."""
+        manifest = read_manifest(bundle)
+        if manifest.get("target") != TRIPLE:
+            raise CrossbuildError(
+                f"{bundle} is a bundle for {manifest.get('target')}, the board is {TRIPLE}"
+            )
+        python = rootfs.parse_python(str(manifest.get("python", "")))
+        self.spec = dataclasses.replace(self.spec, suite=rootfs.suite_for_python(python))
+        self.bundle = bundle
+        return (
+            f"{bundle}: for {TRIPLE}, Python {manifest['python']}: the board runs "
+            f"Debian {self.spec.suite}"
+        )
+
+    def shell(self, script: str, what: str = "a command on the board") -> str:
+        """Run ``script`` with the board's /bin/sh; its output (a one-line error if it fails)."""
+        if self.board is None:
+            raise CrossbuildError("make the root filesystem first")
+        return _run(self.board.argv("/bin/sh", "-c", script), self.log, what, self.timeout)
+
     def install(self, mode: str = "plain", prefix: str = PREFIX) -> str:
         """Copy the bundle onto the board, unpack it there and run its ``install.sh``."""
         if self.board is None or self.bundle is None:
@@ -148,12 +193,7 @@ class EmulatedBoard:
             f"cd /tmp && rm -rf {top} && tar xzf {name} && "
             f"{top}/install.sh --{mode} --prefix {shlex.quote(prefix)}"
         )
-        out = _run(
-            self.board.argv("/bin/sh", "-c", script),
-            self.log,
-            f"install.sh --{mode} on the board",
-            self.timeout,
-        )
+        out = self.shell(script, f"install.sh --{mode} on the board")
         return next(
             (line for line in out.splitlines() if line.startswith("installed")),
             out.strip().splitlines()[0] if out.strip() else "installed",

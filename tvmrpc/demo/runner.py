@@ -187,14 +187,18 @@ class Demo:
         with self.steps.step("check that this machine can emulate an aarch64 board"):
             board.check()
         self.board = board
+        if self.args.bundle:
+            with self.steps.step(f"bundle: {self.args.bundle} (--bundle)"):
+                self.steps.note(board.use_bundle(Path(self.args.bundle)))
         with self.steps.step(f"root filesystem: Debian {board.spec.suite} {board.spec.arch} "
                              "(mmdebstrap, cached)"):
             self.steps.note(board.make_root())
-        with self.steps.step("bundle: the server for aarch64, made by crossbuild"):
-            self.steps.note(board.make_bundle())
-            assert board.bundle is not None
-            self.steps.note(f"{board.bundle} ({board.bundle.stat().st_size // 1024} KiB): "
-                            "the archive a real board gets")
+        if not self.args.bundle:
+            with self.steps.step("bundle: the server for aarch64, made by crossbuild"):
+                self.steps.note(board.make_bundle())
+                assert board.bundle is not None
+                self.steps.note(f"{board.bundle} ({board.bundle.stat().st_size // 1024} KiB): "
+                                "the archive a real board gets")
         with self.steps.step("install the bundle on the board offline: install.sh --plain"):
             self.steps.note(board.install())
 
