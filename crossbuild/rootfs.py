@@ -13,6 +13,8 @@ Invariants:
   cached tarball is only ever reused for the same inputs.
 - A cached tarball appears under its final name only once complete (written
   as ``.part``, then renamed); an interrupted build leaves nothing reusable.
+- Building a tarball removes the cached ones of the same suite and
+  architecture made from other inputs (one per suite and architecture stays).
 """
 
 from __future__ import annotations
@@ -108,7 +110,12 @@ def cached_rootfs(spec: RootfsSpec, cache_dir: Path, log: Path) -> tuple[Path, b
     path = cache_dir / spec.key()
     if path.is_file():
         return path, False
-    return build_rootfs(spec, path, log), True
+    build_rootfs(spec, path, log)
+    # Same suite and architecture, older inputs: superseded, not worth 100 MB each.
+    for old in cache_dir.glob(f"debian-{spec.suite}-{spec.arch}-*.tar"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path, True
 
 
 def parse_python(text: str) -> tuple[int, int]:
