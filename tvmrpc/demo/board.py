@@ -89,8 +89,8 @@ def _run(argv: Sequence[str], log: Path, what: str, timeout: float) -> str:
     return done.stdout
 
 
-def read_manifest(bundle: Path) -> dict:
-    """The ``manifest.json`` inside a bundle made by ``crossbuild bundle``."""
+def read_bundle(bundle: Path) -> tuple[str, dict]:
+    """The top directory of a bundle made by ``crossbuild bundle`` and its ``manifest.json``."""
     try:
         with tarfile.open(bundle) as tar:
             member = next(
@@ -104,7 +104,8 @@ def read_manifest(bundle: Path) -> dict:
             stream = tar.extractfile(member) if member is not None else None
             if stream is None:
                 raise CrossbuildError(f"{bundle} has no manifest.json: not a crossbuild bundle")
-            return json.loads(stream.read().decode("utf-8"))
+            assert member is not None
+            return member.name.split("/")[0], json.loads(stream.read().decode("utf-8"))
     except (OSError, tarfile.TarError, ValueError) as exc:
         raise CrossbuildError(f"cannot read {bundle} as a bundle: {exc}") from None
 
@@ -161,7 +162,7 @@ class EmulatedBoard:
     def use_bundle(self, bundle: Path) -> str:
         """Take a ready bundle instead of making one; the board gets the Debian suite whose
         Python the bundle is for. Call before :meth:`make_root`."""
-        manifest = read_manifest(bundle)
+        _top, manifest = read_bundle(bundle)
         if manifest.get("target") != TRIPLE:
             raise CrossbuildError(
                 f"{bundle} is a bundle for {manifest.get('target')}, the board is {TRIPLE}"
@@ -188,7 +189,7 @@ class EmulatedBoard:
             raise CrossbuildError(f"install mode is plain or venv, not {mode!r}")
         shutil.copy2(self.bundle, self.root / "tmp" / self.bundle.name)
         name = shlex.quote(self.bundle.name)
-        top = shlex.quote(self.bundle.name.removesuffix(".tar.gz"))
+        top = shlex.quote(read_bundle(self.bundle)[0])
         script = (
             f"cd /tmp && rm -rf {top} && tar xzf {name} && "
             f"{top}/install.sh --{mode} --prefix {shlex.quote(prefix)}"
