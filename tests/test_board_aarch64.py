@@ -512,3 +512,51 @@ def test_host_registration_without_a_private_binfmt_misc(
     with pytest.raises(emulate.EmulationUnavailable, match="without the F flag") as info:
         emulate.register_on_host(line)
     assert str(info.value).endswith(f"echo -1 > {table / 'qemu-aarch64'} and run again")
+
+
+@pytest.mark.slow
+def test_demo_board_aarch64_prints_ok(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """``tvmrpc demo --board aarch64`` as a user runs it (a subprocess), sharing the caches."""
+    try:
+        emulate.check_host(emulate.emulated("aarch64-linux-gnu"))
+    except emulate.MissingPackages as exc:
+        pytest.fail(str(exc))
+    except emulate.EmulationUnavailable as exc:
+        pytest.skip(str(exc))
+    cache = Path(request.config.cache.mkdir("board-aarch64"))
+    argv = [
+        sys.executable,
+        "-m",
+        "tvmrpc.cli",
+        "demo",
+        "--board",
+        "aarch64",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--cache-dir",
+        str(cache),
+        "--step-timeout",
+        str(START),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    out = done.stdout
+    print(out)
+    assert done.returncode == 0, out + done.stderr
+    for step in (
+        "root filesystem: Debian bookworm arm64",
+        "bundle: the server for aarch64",
+        "install the bundle on the board offline: install.sh --plain",
+        "start tvm-server on the emulated aarch64 board",
+        "compile the MLP for aarch64",
+    ):
+        assert re.search(rf"^\[ *[\d.]+s\] \d+\. {re.escape(step)}", out, re.M), step
+    assert re.search(
+        r"^  demo-proxied +tracker -> proxy 127\.0\.0\.1:\d+ -> server on the "
+        r"emulated aarch64 board +\d+ ms  OK$",
+        out,
+        re.M,
+    ), out
+    assert "board: no process left; removed " in out
+    assert out.rstrip().endswith("tvmrpc demo: OK, every session's result matched numpy")
+    assert (tmp_path / "logs" / "board" / "tvmrpc-server-aarch64-linux-gnu.tar.gz").is_file()
+    assert not (tmp_path / "logs" / "board" / "root").exists()
