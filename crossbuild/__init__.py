@@ -7,4 +7,8 @@ Commands (``python -m crossbuild`` or ``tvmrpc-crossbuild``):
   or take it from the target platform's apache-tvm wheel (``--from-wheel``);
 - ``bundle``: one archive that installs offline on the board and runs
   ``twistd -n tvm-server``.
+
+Modules for an emulated board (``tvmrpc demo --board aarch64``, the tests):
+``rootfs`` builds the board's Debian root filesystem with mmdebstrap, and
+``emulate`` runs its programs in a chroot through qemu-user and binfmt_misc.
 """

@@ -5,6 +5,8 @@
   runtime   --from-wheel --target T --tvm-version V [-o DIR]
   bundle    --target T --python X.Y (--runtime DIR | --from-wheel --tvm-version V) -o FILE.tar.gz
 
+  --wheel-dir DIR (runtime, bundle): wheels there are used, downloads are kept there.
+
 Errors are one line on stderr and exit status 1; usage errors exit 2.
 """
 
@@ -62,6 +64,13 @@ def _add_wheel_platform(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--extra-index-url", metavar="URL", help="another package index, e.g. piwheels for armhf"
+    )
+    parser.add_argument(
+        "--wheel-dir",
+        type=Path,
+        metavar="DIR",
+        help="local wheel directory: its wheels are used instead of downloading them, "
+        "and downloaded wheels are kept there for the next run",
     )
 
 
@@ -168,6 +177,7 @@ def cmd_runtime(args: argparse.Namespace) -> int:
             parse_version(args.python, "--python"),
             _platforms(args, target),
             _pip_args(args),
+            args.wheel_dir,
         )
         _print_runtime(result)
         if result.tvm_ffi_requirement:
@@ -214,7 +224,13 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         requirement = None
         if args.from_wheel:
             result = runtime_from_wheel(
-                target, _need_version(args), Path(tmp), python, platforms, _pip_args(args)
+                target,
+                _need_version(args),
+                Path(tmp),
+                python,
+                platforms,
+                _pip_args(args),
+                args.wheel_dir,
             )
             _print_runtime(result)
             runtime_dir, requirement = Path(tmp), result.tvm_ffi_requirement
@@ -234,6 +250,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             tvmrpc_source=source,
             tvmrpc_wheel=args.tvmrpc_wheel,
             pip_args=_pip_args(args),
+            wheel_dir=args.wheel_dir,
         )
         manifest = make_bundle(spec)
     for wheel in manifest["wheels"]:

@@ -54,6 +54,7 @@ class BundleSpec:
     tvmrpc_source: Path | None = None  # checkout to build the tvmrpc wheel from
     tvmrpc_wheel: Path | None = None  # or a ready wheel
     pip_args: tuple[str, ...] = ()
+    wheel_dir: Path | None = None  # local wheels tried first, downloads kept there
 
 
 def bundle_name(output: Path) -> str:
@@ -155,6 +156,7 @@ def make_bundle(spec: BundleSpec) -> dict:
             spec.python,
             spec.platforms,
             pip_args=spec.pip_args,
+            wheel_dir=spec.wheel_dir,
         )
         elf = check_wheelhouse(wheels, spec)
         python = "{}.{}".format(*spec.python)

@@ -172,11 +172,21 @@ def runtime_from_wheel(
     python: tuple[int, int],
     platforms: Sequence[str],
     pip_args: Sequence[str] = (),
+    wheel_dir: Path | None = None,
 ) -> RuntimeResult:
-    """Download apache-tvm ``tvm_version`` for the board and extract its runtime libraries."""
+    """Download apache-tvm ``tvm_version`` for the board and extract its runtime libraries.
+
+    ``wheel_dir``: a local wheel directory tried first and filled (see ``pip_download``).
+    """
     with tempfile.TemporaryDirectory(prefix="tvm-wheel-") as tmp:
         got = pip_download(
-            [f"apache-tvm=={tvm_version}"], Path(tmp), python, platforms, True, pip_args
+            [f"apache-tvm=={tvm_version}"],
+            Path(tmp),
+            python,
+            platforms,
+            True,
+            pip_args,
+            wheel_dir,
         )
         wheels = [p for p in got if parse_wheel_name(p.name).name == "apache-tvm"]
         if not wheels:

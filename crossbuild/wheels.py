@@ -9,6 +9,7 @@ Invariant of a wheelhouse built here: every wheel's tag set intersects
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -134,8 +135,14 @@ def pip_download(
     platforms: Sequence[str],
     no_deps: bool = False,
     pip_args: Sequence[str] = (),
+    wheel_dir: Path | None = None,
 ) -> list[Path]:
-    """Download binary wheels of ``requirements`` for the board into ``dest``; return them."""
+    """Download binary wheels of ``requirements`` for the board into ``dest``; return them.
+
+    With ``wheel_dir``, wheels already there are used instead of the index's
+    (pip ``--find-links``) and every wheel fetched by name is kept there, so
+    the next call downloads nothing it already has.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     before = set(dest.iterdir())
     major, minor = python
@@ -147,11 +154,36 @@ def pip_download(
         argv += ["--platform", plat]
     if no_deps:
         argv.append("--no-deps")
+    if wheel_dir is not None:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--find-links", str(wheel_dir)]
     argv += [*pip_args, *requirements]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise _pip_error(result, f"download {' '.join(requirements)} for {platforms[0]}")
-    return sorted(set(dest.iterdir()) - before)
+    got = sorted(set(dest.iterdir()) - before)
+    if wheel_dir is not None:
+        keep_wheels(got, wheel_dir, skip={Path(r).name for r in requirements})
+    return got
+
+
+def keep_wheels(wheels: Iterable[Path], wheel_dir: Path, skip: Iterable[str] = ()) -> list[Path]:
+    """Copy ``wheels`` not yet in ``wheel_dir`` there (atomically); ``skip`` names stay out.
+
+    Local files given as requirements (the tvmrpc wheel built from a checkout)
+    are skipped: the directory holds only what an index served.
+    """
+    skipped = set(skip)
+    kept = []
+    for wheel in wheels:
+        target = wheel_dir / wheel.name
+        if wheel.suffix != ".whl" or wheel.name in skipped or target.exists():
+            continue
+        partial = wheel_dir / f".{wheel.name}.{os.getpid()}.part"
+        shutil.copy2(wheel, partial)
+        partial.replace(target)
+        kept.append(target)
+    return kept
 
 
 def build_tvmrpc_wheel(source: Path, dest: Path) -> Path:
@@ -162,7 +194,14 @@ def build_tvmrpc_wheel(source: Path, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="tvmrpc-src-") as tmp:
         copy = Path(tmp) / "tvmrpc"
         copy.mkdir()
-        for name in ("setup.py", "README.md", "setup.cfg", "pyproject.toml", "MANIFEST.in"):
+        for name in (
+            "setup.py",
+            "README.md",
+            "LICENSE",
+            "setup.cfg",
+            "pyproject.toml",
+            "MANIFEST.in",
+        ):
             if (source / name).is_file():
                 shutil.copy2(source / name, copy / name)
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")

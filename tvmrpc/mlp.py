@@ -21,8 +21,18 @@ OUT_FEATURES = 4
 LIBRARY_NAME = "mlp.so"
 
 
-def build_mlp(out_dir: Path, target: str = "llvm") -> Path:
-    """Compile the MLP with relax for ``target`` and export it; return the library path."""
+#: What the host compiles for an aarch64 board (TVM 0.27 rejects "llvm -mtriple=...").
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+AARCH64_CC = "aarch64-linux-gnu-g++"
+
+
+def build_mlp(out_dir: Path, target: str | dict[str, Any] = "llvm", cc: str | None = None) -> Path:
+    """Compile the MLP with relax for ``target`` and export it; return the library path.
+
+    ``target`` is a TVM target string or dict (``AARCH64_TARGET`` for a board);
+    ``cc`` the compiler that links the library (``AARCH64_CC``; default: the host's).
+    """
+    import tvm
     from tvm import relax
     from tvm.relax.frontend import nn
 
@@ -36,10 +46,13 @@ def build_mlp(out_dir: Path, target: str = "llvm") -> Path:
 
     spec = {"forward": {"x": nn.spec.Tensor((1, IN_FEATURES), "float32")}}
     module, _params = MLP().export_tvm(spec)
-    executable = relax.build(module, target=target)
+    executable = relax.build(module, target=tvm.target.Target(target))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LIBRARY_NAME
-    executable.export_library(str(path))
+    if cc is None:
+        executable.export_library(str(path))
+    else:
+        executable.export_library(str(path), cc=cc)
     return path
 
 
@@ -70,6 +83,8 @@ class MLPInputs:
 class MLPResult:
     output: Any
     expected: Any
+    #: seconds per ``forward`` on the device (TVM's time_evaluator means), when asked
+    run_seconds: tuple[float, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -78,8 +93,14 @@ class MLPResult:
         return bool(np.allclose(self.output, self.expected, rtol=1e-4, atol=1e-4))
 
 
-def run_mlp(session: Any, library: Path, inputs: MLPInputs | None = None) -> MLPResult:
-    """Upload ``library`` through a stock RPC ``session``, load it and run ``forward``."""
+def run_mlp(
+    session: Any, library: Path, inputs: MLPInputs | None = None, time_runs: int = 0
+) -> MLPResult:
+    """Upload ``library`` through a stock RPC ``session``, load it and run ``forward``.
+
+    ``time_runs`` > 0 then also times ``forward`` there with TVM's
+    ``time_evaluator``: 3 means of that many runs each.
+    """
     import tvm
     from tvm import relax
 
@@ -90,4 +111,8 @@ def run_mlp(session: Any, library: Path, inputs: MLPInputs | None = None) -> MLP
     vm = relax.VirtualMachine(module, device)
     args = [tvm.runtime.tensor(a, device) for a in inputs.arrays]
     output = vm["forward"](*args).numpy()
-    return MLPResult(output, inputs.expected)
+    timed = None
+    if time_runs > 0:
+        timer = vm.time_evaluator("forward", device, number=time_runs, repeat=3)
+        timed = tuple(float(t) for t in timer(*args).results)
+    return MLPResult(output, inputs.expected, timed)

@@ -5,6 +5,10 @@ Invariants:
   stopped in reverse, unless ``--keep``; a failed step stops them too.
 - A server counts as up only once the tracker lists its key as free.
 - The exit status is 0 only if every session's output matched numpy.
+- With ``--board aarch64`` the proxied server runs on an emulated aarch64
+  board (:mod:`tvmrpc.demo.board`), prepared before any daemon starts; a
+  machine that cannot emulate fails the first step with one line saying why.
+  The board's root is removed at the end (the bundle stays in the log dir).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import IO, Any
 import attrs
 
 from . import daemons, tracker_state
+from .board import EmulatedBoard
 from .daemons import Daemon, DaemonError
 from .steps import StepError, Steps, bounded
 
@@ -31,6 +36,7 @@ class Row:
     path: str
     seconds: float | None = None
     ok: bool | None = None
+    board: bool = False  # served by the emulated aarch64 board
 
 
 @attrs.define
@@ -45,6 +51,7 @@ class Demo:
     tracker: tuple[str, int] | None = None
     proxy: tuple[str, int] | None = None
     rows: list[Row] = attrs.Factory(list)
+    board: EmulatedBoard | None = None
 
     # -- helpers ----------------------------------------------------------------
 
@@ -111,10 +118,22 @@ class Demo:
             self.steps.note(f"registered: {self.rows[-1].path} "
                             f"(pid {server.pid}, log {server.log_path.name})")
         key = self.args.proxied_key
-        with self.steps.step(f"start a server with key {key!r}, through the proxy"):
-            server = self.launch("server-proxied", daemons.proxied_server_argv(self.proxy, key))
+        if self.board is not None:
+            title = (f"start tvm-server on the emulated aarch64 board with key {key!r}, "
+                     "through the proxy")
+            host, port = self.proxy
+            argv = self.board.server_argv("--through-proxy", "--host", host, "--port", str(port),
+                                          "--key", key)
+        else:
+            title = f"start a server with key {key!r}, through the proxy"
+            argv = daemons.proxied_server_argv(self.proxy, key)
+        with self.steps.step(title):
+            server = self.launch("server-proxied", argv)
             state = self.wait_free(key)
-            self.rows.append(Row(key, self.path_of(key, state)))
+            path = self.path_of(key, state)
+            if self.board is not None:
+                path += " on the emulated aarch64 board"
+            self.rows.append(Row(key, path, board=self.board is not None))
             self.steps.note(f"registered: {self.rows[-1].path} "
                             f"(pid {server.pid}, log {server.log_path.name})")
 
@@ -149,7 +168,41 @@ class Demo:
             self.steps.note(f"{library} ({library.stat().st_size} bytes)")
         return library
 
-    def run_sessions(self, library: Path) -> None:
+    def compile_for_board(self) -> Path:
+        from ..mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
+
+        title = (f"compile the MLP for aarch64: target {AARCH64_TARGET}, "
+                 f"export_library(cc={AARCH64_CC!r})")
+        with self.steps.step(title):
+            library = bounded(
+                lambda: build_mlp(self.log_dir / "model-aarch64", AARCH64_TARGET, AARCH64_CC),
+                self.args.step_timeout, "compiling the MLP for aarch64")
+            self.steps.note(f"{library} ({library.stat().st_size} bytes)")
+        return library
+
+    # -- the emulated board ---------------------------------------------------------
+
+    def prepare_board(self) -> None:
+        board = EmulatedBoard(self.log_dir / "board", cache_dir=Path(self.args.cache_dir))
+        with self.steps.step("check that this machine can emulate an aarch64 board"):
+            board.check()
+        self.board = board
+        if self.args.bundle:
+            with self.steps.step(f"bundle: {self.args.bundle} (--bundle)"):
+                self.steps.note(board.use_bundle(Path(self.args.bundle)))
+        with self.steps.step(f"root filesystem: Debian {board.spec.suite} {board.spec.arch} "
+                             "(mmdebstrap, cached)"):
+            self.steps.note(board.make_root())
+        if not self.args.bundle:
+            with self.steps.step("bundle: the server for aarch64, made by crossbuild"):
+                self.steps.note(board.make_bundle())
+                assert board.bundle is not None
+                self.steps.note(f"{board.bundle} ({board.bundle.stat().st_size // 1024} KiB): "
+                                "the archive a real board gets")
+        with self.steps.step("install the bundle on the board offline: install.sh --plain"):
+            self.steps.note(board.install())
+
+    def run_sessions(self, library: Path, board_library: Path | None = None) -> None:
         from .session import request_and_run
 
         assert self.tracker is not None
@@ -157,11 +210,12 @@ class Demo:
         for row in self.rows:
             title = (f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
                      "upload, run, check")
+            lib = board_library if row.board and board_library is not None else library
             with self.steps.step(title):
                 self.check_alive()
                 outcome = bounded(
-                    lambda key=row.key: request_and_run(tracker, key, library,
-                                                        self.args.step_timeout),
+                    lambda key=row.key, lib=lib: request_and_run(tracker, key, lib,
+                                                                 self.args.step_timeout),
                     self.args.step_timeout, f"the session for {row.key!r}",
                 )
                 row.seconds, row.ok = outcome.total_seconds, outcome.ok
@@ -192,6 +246,13 @@ class Demo:
         self.steps.say("Stopping the daemons")
         for daemon in reversed(self.started):
             self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.stop()}")
+        if self.board is not None and self.board.root.exists():
+            left = self.board.processes()
+            if left:
+                self.steps.say(f"  board: processes still running: {left}")
+            else:
+                self.board.remove()
+                self.steps.say(f"  board: no process left; removed {self.board.root}")
 
     def keep(self) -> None:
         assert self.tracker is not None
@@ -211,12 +272,15 @@ class Demo:
         self.steps.say(f"  kill -TERM -- {groups}")
 
     def run(self) -> None:
+        if self.args.board:
+            self.prepare_board()
         self.start_tracker()
         self.start_proxy()
         self.start_servers()
         self.show_query()
         library = self.compile_model()
-        self.run_sessions(library)
+        board_library = self.compile_for_board() if self.board is not None else None
+        self.run_sessions(library, board_library)
 
 
 def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:

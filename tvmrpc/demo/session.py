@@ -27,6 +27,8 @@ class SessionOutcome:
     request_seconds: float  # tracker REQUEST until the RPC session is open
     total_seconds: float  # REQUEST until the checked result (upload and run included)
     max_error: float
+    #: seconds per forward call measured on the device by time_evaluator (when asked)
+    run_seconds: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -38,11 +40,14 @@ def request_and_run(
     library: Path,
     session_timeout: float = 60.0,
     max_retry: int = 5,
+    time_runs: int = 0,
 ) -> SessionOutcome:
     """Request ``key`` with the stock ``connect_tracker``; run the MLP in ``library`` there.
 
     ``max_retry`` is stock's: how many resources the client tries before it
     gives up. With 1, being handed a dead resource fails the session.
+    ``time_runs`` > 0 also times ``forward`` there with TVM's ``time_evaluator``
+    (3 means of that many runs each).
     """
     import numpy as np
     from tvm import rpc
@@ -56,12 +61,19 @@ def request_and_run(
     )
     opened = time.monotonic()
     try:
-        result = run_mlp(session, library)
+        result = run_mlp(session, library, time_runs=time_runs)
     finally:
         del session
     finished = time.monotonic()
     error = float(np.max(np.abs(result.output - result.expected)))
-    return SessionOutcome(key, result.ok, opened - started, finished - started, error)
+    return SessionOutcome(
+        key,
+        result.ok,
+        opened - started,
+        finished - started,
+        error,
+        list(result.run_seconds) if result.run_seconds else None,
+    )
 
 
 def _hostport(value: str) -> tuple[str, int]:
@@ -75,11 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="device key to request")
     parser.add_argument("--library", type=Path, required=True, help="compiled MLP (build_mlp)")
     parser.add_argument("--session-timeout", type=float, default=60.0)
-    parser.add_argument("--max-retry", type=int, default=5,
-                        help="resources to try before giving up (stock's max_retry; 1: no retry)")
+    parser.add_argument(
+        "--max-retry",
+        type=int,
+        default=5,
+        help="resources to try before giving up (stock's max_retry; 1: no retry)",
+    )
+    parser.add_argument(
+        "--time-runs",
+        type=int,
+        default=0,
+        help="also time forward with time_evaluator, N runs per mean (0: no)",
+    )
     args = parser.parse_args(argv)
     outcome: Any = request_and_run(
-        args.tracker, args.key, args.library, args.session_timeout, args.max_retry
+        args.tracker,
+        args.key,
+        args.library,
+        args.session_timeout,
+        args.max_retry,
+        args.time_runs,
     )
     print(outcome.to_json(), flush=True)
     return 0 if outcome.ok else 1
