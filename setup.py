@@ -31,6 +31,7 @@ setup(
     package_data={
         "twisted": ["plugins/tvmrpc_plugins.py"],
         "crossbuild": ["toolchains/*.cmake", "templates/*"],
+        "tvmrpc.systemd": ["units/*"],
     },
     install_requires=[
         "twisted>=23.10",
@@ -61,6 +62,10 @@ setup(
         "console_scripts": [
             "tvmrpc = tvmrpc.cli:main",
             "tvmrpc-crossbuild = crossbuild.__main__:main",
+            # What the systemd units run: twistd --nodaemon --pidfile= tvm-<daemon> ARGS.
+            "tvm-tracker = tvmrpc.systemd.launch:tracker",
+            "tvm-proxy = tvmrpc.systemd.launch:proxy",
+            "tvm-server = tvmrpc.systemd.launch:server",
         ]
     },
     cmdclass={"egg_info": EggInfoWithoutTwisted},

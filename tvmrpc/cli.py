@@ -1,4 +1,4 @@
-"""The ``tvmrpc`` command: ``tvmrpc query`` and ``tvmrpc demo``.
+"""The ``tvmrpc`` command: ``tvmrpc query``, ``tvmrpc demo``, ``tvmrpc systemd-units``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only dispatches, importing the one chosen.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "demo": ("tvmrpc.demo", "tracker, proxy and servers; a stock client runs a compiled model"),
     "drain": ("tvmrpc.labctl", "stop handing out a board (or a key) for maintenance"),
     "resume": ("tvmrpc.labctl", "hand a drained or quarantined board out again"),
+    "systemd-units": ("tvmrpc.systemd.units", "write the systemd units for an install prefix"),
 }
 
 

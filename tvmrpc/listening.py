@@ -27,12 +27,10 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -43,6 +41,7 @@ from zope.interface import implementer
 from . import logfile, sockopts
 from .exiting import stop_with_exit_code
 from .ratelimit import RateLimit
+from .systemd import activation
 
 #: Exit status of a daemon that could not open its listening port.
 EXIT_CANNOT_LISTEN = 1
@@ -83,14 +82,24 @@ def port_range(
 
 
 def endpoint_for(reactor: Any, description: str) -> Any:
-    """The server endpoint for a ``--listen`` string (the one place that parses them)."""
-    return serverFromString(reactor, description)
+    """The server endpoint for a ``--listen`` string (the one place that parses them).
+
+    ``systemd:`` strings go through :mod:`tvmrpc.systemd.activation` (works
+    without ``FileDescriptorName=``); everything else to ``serverFromString``.
+    """
+    return activation.server_endpoint(reactor, description)
 
 
 def check_endpoint(daemon: str, flag: str, description: str) -> None:
     """Parse an endpoint string without listening; raise StartupError if it cannot work."""
     from twisted.internet import reactor
 
+    if description.startswith("systemd:"):
+        try:
+            activation.check(description)
+        except activation.ActivationError as exc:
+            raise StartupError(daemon, f"{flag} {description!r}: {exc}") from None
+        return
     try:
         endpoint_for(reactor, description)
     except ImportError as exc:
@@ -104,12 +113,6 @@ def check_endpoint(daemon: str, flag: str, description: str) -> None:
             daemon, f"{flag} {description!r} needs the missing module {missing}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
-        if description.startswith("systemd:") and not os.environ.get("LISTEN_FDS"):
-            raise StartupError(
-                daemon,
-                f"{flag} {description!r}: systemd passed no socket (LISTEN_FDS is not set); "
-                "start the daemon through its .socket unit, or listen with tcp:PORT",
-            ) from None
         raise StartupError(
             daemon,
             f"bad {flag} endpoint {description!r}: {exc or type(exc).__name__} "

@@ -14,6 +14,7 @@ from ..listening import (
     listening_service,
     parse_hostport,
 )
+from ..systemd.notify import NotifyService, listening_status
 from .limits import (
     DEFAULT_EARLY_BYTES,
     DEFAULT_EARLY_TOTAL,
@@ -161,6 +162,9 @@ def makeService(options: Options) -> service.IService:
         reactor, factory, "tvm-proxy", options, DEFAULT_PORT, DEFAULT_PORT_END
     )
     listener.setServiceParent(top)
+    notify = NotifyService.from_environment(reactor)  # systemd: READY=1 once listening
+    notify.setServiceParent(top)
+    listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
     if options["web-port"] is not None or options["web-listen"]:
         from .websocket import web_factory
 

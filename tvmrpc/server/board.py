@@ -58,6 +58,8 @@ class Board:
         self.queue: collections.deque[Ticket] = collections.deque()
         self.current: defer.Deferred[int] | None = None
         self.idle_observers: list[Callable[[], None]] = []
+        #: Called with the client's label when its session starts.
+        self.session_observers: list[Callable[[str], None]] = []
         self.sessions_served = 0
         self._waiting_for_worker = False
         self._closed = False
@@ -117,6 +119,8 @@ class Board:
         )
         d = self.runtime.serve(sock, session_dir)
         self.current = d
+        for observer in list(self.session_observers):
+            observer(ticket.label)
         timer = None
         if ticket.timeout:
             timer = self.reactor.callLater(ticket.timeout, self._expire, d, sock, ticket.timeout)

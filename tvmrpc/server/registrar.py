@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -66,6 +67,8 @@ class Registrar(service.Service):
         self._client: ClientService | None = None
         self._loop = LoopingCall(self._check)
         self._loop.clock = reactor
+        #: Called with True when the tracker answered our UPDATE_INFO, False when the link is lost.
+        self.link_observers: list[Callable[[bool], None]] = []
         board.idle_observers.append(self._register)
 
     # -- service -----------------------------------------------------------------
@@ -119,6 +122,8 @@ class Registrar(service.Service):
         if not self._loop.running:
             self._loop.start(self.period, now=False)
         self._register()
+        for observer in list(self.link_observers):
+            observer(True)
 
     def _lost(self, link: TrackerClientProtocol) -> None:
         if link is not self.link:
@@ -129,6 +134,8 @@ class Registrar(service.Service):
             self._loop.stop()
         if self.running:
             log.info("tracker connection lost; reconnecting")
+            for observer in list(self.link_observers):
+                observer(False)
 
     # -- match keys ----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from ..exiting import stop_with_exit_code
 from ..listening import ListenOptions, listening_service, parse_hostport
+from ..systemd.notify import NotifyService, listening_status
 from .adapter import WorkerConfig, ZygoteRuntime
 from .board import Board
 from .handshake import HandshakeFactory
@@ -106,6 +107,7 @@ def makeService(options: Options) -> service.IService:
     """Build the server from parsed options."""
     from twisted.internet import reactor
 
+    notify = NotifyService.from_environment(reactor)  # first: workers must not inherit it
     config = WorkerConfig(
         runtime_library=options["runtime-library"],
         load_libraries=tuple(options["load-libraries"]),
@@ -116,10 +118,24 @@ def makeService(options: Options) -> service.IService:
     board = Board(reactor, runtime, workdir=options["workdir"])
     top = ServerService(board, runtime, options["grace"])
     key = options["key"]
+    # systemd: READY=1 once registered (tracker), waiting (proxy) or listening, and warm.
+    notify.setServiceParent(top)
+    board.session_observers.append(lambda peer: notify.status(f"session running for {peer}"))
+    board.idle_observers.append(
+        lambda: notify.status(f"idle after {board.sessions_served} sessions")
+    )
+
+    def ready_when_warm(status: str) -> None:
+        runtime.ready().addCallback(lambda _: notify.ready(status))
 
     if options["through-proxy"]:
         connector = ProxyConnector(reactor, board, key, (options["host"], options["port"]))
         connector.fatal.addCallback(lambda _: stop_with_exit_code(reactor, EXIT_DUPLICATE_KEY))
+        connector.waiting_observers.append(
+            lambda: ready_when_warm(
+                "waiting at proxy {}:{} as server:{}".format(*connector.proxy, key)
+            )
+        )
         connector.setServiceParent(top)
         return top
 
@@ -143,6 +159,16 @@ def makeService(options: Options) -> service.IService:
     if registrar is not None:
         listener.bound.addCallback(lambda port: port_d.callback(port.getHost().port))
         registrar.setServiceParent(top)
+        registered = "registered with tracker {}:{} as server:{}".format(*options["tracker"], key)
+        registrar.link_observers.append(
+            lambda linked: (
+                ready_when_warm(registered)
+                if linked
+                else notify.status("tracker connection lost; reconnecting")
+            )
+        )
+    else:
+        listener.bound.addCallback(notify.passing(lambda p: ready_when_warm(listening_status(p))))
     return top
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -155,6 +156,8 @@ class ProxyConnector(service.Service):
         self._leg: _ProxyLeg | None = None
         self._pending: Any = None
         self._retry: Any = None
+        #: Called each time a connection waits at the proxy (the board is then idle and warm).
+        self.waiting_observers: list[Callable[[], None]] = []
         board.idle_observers.append(self._maybe_connect)
 
     def startService(self) -> None:
@@ -191,6 +194,8 @@ class ProxyConnector(service.Service):
             port=self.proxy[1],
             key=self.key,
         )
+        for observer in list(self.waiting_observers):
+            observer()
         return leg.answered.addCallback(self._paired)
 
     def _paired(self, leg: _ProxyLeg) -> None:

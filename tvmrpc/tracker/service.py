@@ -7,6 +7,7 @@ from twisted.python import usage
 
 from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
+from ..systemd.notify import NotifyService, listening_status
 from .boards import BoardRules
 from .protocol import TrackerFactory
 from .scheduler import Scheduler
@@ -76,4 +77,7 @@ def makeService(options: Options) -> service.IService:
         reactor, factory, "tvm-tracker", options, DEFAULT_PORT, DEFAULT_PORT_END
     )
     listener.setServiceParent(top)
+    notify = NotifyService.from_environment(reactor)  # systemd: READY=1 once listening
+    notify.setServiceParent(top)
+    listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
     return top
