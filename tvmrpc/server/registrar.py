@@ -67,7 +67,8 @@ class Registrar(service.Service):
         self._client: ClientService | None = None
         self._loop = LoopingCall(self._check)
         self._loop.clock = reactor
-        #: Called with True when the tracker answered our UPDATE_INFO, False when the link is lost.
+        #: Called with True each time the tracker acknowledged a PUT (registered and free),
+        #: with False when the tracker link is lost.
         self.link_observers: list[Callable[[bool], None]] = []
         board.idle_observers.append(self._register)
 
@@ -122,8 +123,6 @@ class Registrar(service.Service):
         if not self._loop.running:
             self._loop.start(self.period, now=False)
         self._register()
-        for observer in list(self.link_observers):
-            observer(True)
 
     def _lost(self, link: TrackerClientProtocol) -> None:
         if link is not self.link:
@@ -160,7 +159,13 @@ class Registrar(service.Service):
         self._put_on = link
         self._missing_since = None
         d = link.put(self.key, self.port, self.matchkey, self.custom_addr)
+        d.addCallback(lambda _: self._put_done(link))
         d.addErrback(self._call_failed, link, "PUT")
+
+    def _put_done(self, link: TrackerClientProtocol) -> None:
+        if link is self.link:
+            for observer in list(self.link_observers):
+                observer(True)
 
     def _check(self) -> defer.Deferred[None] | None:
         link = self.link

@@ -12,7 +12,8 @@ Invariants:
   or by a test behaves exactly as before).
 - Nothing blocks the reactor: the socket is non-blocking and a datagram the
   manager cannot take at once is dropped with one log line, never retried.
-- ``READY=1`` is sent at most once per process; ``STOPPING=1`` at most once.
+- ``READY=1`` is sent at most once per process, and only once the reactor
+  runs (accepts connections, handles SIGTERM); ``STOPPING=1`` at most once.
 - The watchdog pings only when ``WATCHDOG_USEC`` is set and ``WATCHDOG_PID``
   is unset or names this process, every half of ``WATCHDOG_USEC``.
 - The notify variables are removed from ``os.environ`` when read, so worker
@@ -130,7 +131,14 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> None:
-        """``READY=1`` (once) with a status line."""
+        """``READY=1`` (once) with a status line, once the reactor runs.
+
+        twistd starts services before ``reactor.run()``: a port may be bound
+        before the reactor accepts on it or handles SIGTERM, so READY waits.
+        """
+        if not getattr(self.reactor, "running", True):
+            self.reactor.callWhenRunning(self.ready, status)
+            return
         if self._ready:
             self.status(status)
             return
