@@ -37,6 +37,7 @@ from typing import Any
 LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 UNNAMED = "unknown"
+FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 
 
 class ActivationError(Exception):
@@ -102,8 +103,7 @@ def parse_systemd(description: str) -> SystemdSpec:
     unknown = set(fields) - {"domain", "index", "name"}
     if unknown:
         raise ActivationError(f"{description}: unknown option(s) {', '.join(sorted(unknown))}")
-    domain = fields.get("domain", "")
-    family = getattr(socket, f"AF_{domain}", None) if domain else None
+    family = FAMILIES.get(fields.get("domain", ""))
     if family is None:
         raise ActivationError(f"{description}: domain= must be INET, INET6 or UNIX")
     if ("index" in fields) == ("name" in fields):
