@@ -77,6 +77,12 @@ def _template(name: str) -> str:
     return resources.files("crossbuild").joinpath("templates", name).read_text(encoding="utf-8")
 
 
+def systemd_file(name: str) -> str:
+    """A file shipped with tvmrpc's units (the bundle installs the same server unit)."""
+    folder = resources.files("tvmrpc.systemd").joinpath("units")
+    return folder.joinpath(name).read_text(encoding="utf-8")
+
+
 def runtime_libraries(runtime_dir: Path, target: Target) -> list[Path]:
     """The ``libtvm_runtime*.so`` in ``runtime_dir`` (or its ``lib/``, where current TVM
     build directories keep them), each checked to be for ``target``."""
@@ -190,11 +196,11 @@ def make_bundle(spec: BundleSpec) -> dict:
             )
             _add_text(
                 tar,
-                _template("tvm-server@.service"),
+                systemd_file("tvm-server@.service"),
                 f"{name}/systemd/tvm-server@.service.in",
                 0o644,
             )
-            _add_text(tar, _template("tvm-server.env"), f"{name}/systemd/tvm-server.env", 0o644)
+            _add_text(tar, systemd_file("tvm-server.env"), f"{name}/systemd/tvm-server.env", 0o644)
             _add_text(tar, json.dumps(manifest, indent=2) + "\n", f"{name}/manifest.json", 0o644)
             for lib in libs:
                 _add_file(tar, lib, f"{name}/lib/{lib.name}", EXECUTABLE)

@@ -100,10 +100,10 @@ def test_aarch64_bundle_layout(aarch64_bundle):
     assert "-n --pidfile= tvm-server" in launcher
     unit = (aarch64_bundle / "systemd" / "tvm-server@.service.in").read_text()
     assert "EnvironmentFile=/etc/tvmrpc/%i.env" in unit
-    assert "--key ${TVM_KEY} --tracker ${TVM_TRACKER}" in unit
+    assert "--key ${TVM_KEY} --grace 20 $TVM_SERVER_ARGS" in unit  # tvmrpc's own unit
     env = (aarch64_bundle / "systemd" / "tvm-server.env").read_text()
     assert "TVM_KEY=" in env
-    assert "TVM_TRACKER=" in env
+    assert "TVM_SERVER_ARGS=--tracker " in env
 
 
 # --- the host bundle, installed and serving ----------------------------------

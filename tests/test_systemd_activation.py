@@ -98,6 +98,18 @@ def test_unavailable_endpoint_fails_listen_with_the_reason():
     assert "use --listen tcp:PORT" in failure[0].getErrorMessage()
 
 
+def test_check_names_the_socket_or_raises_the_one_line():
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        passed = activation.Inherited((sock.fileno(),), ("tvm-tracker",))
+        # ListenStream=9190 is a dual-stack INET6 socket whatever domain= says.
+        assert activation.check("systemd:domain=INET:name=tvm-tracker", passed) == (
+            sock.fileno(),
+            socket.AF_INET6,
+        )
+        with pytest.raises(activation.ActivationError, match=r"^no inherited socket for index=1"):
+            activation.check("systemd:domain=INET:index=1", passed)
+
+
 def test_adopted_socket_family_comes_from_the_socket():
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
         assert activation.socket_family(sock.fileno()) == socket.AF_INET6

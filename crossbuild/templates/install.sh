@@ -66,6 +66,12 @@ PYEOF
   "$PY" -c 'import sys; print(sys.executable)' > "$PREFIX/bin/.python"
 fi
 sed "s|@PREFIX@|$PREFIX|g" "$HERE/systemd/tvm-server@.service.in" > "$PREFIX/systemd/tvm-server@.service"
+# Write Twisted's plugin cache now, as the installing user: the unit's unprivileged
+# dynamic user cannot, and twistd would warn "Unable to write to plugin cache" at every start.
+if [ "$MODE" = venv ]; then CACHE_PY="$PREFIX/venv/bin/python"; else CACHE_PY=$PY; fi
+PYTHONPATH="$PREFIX/site-packages" "$CACHE_PY" -c \
+  'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' >/dev/null 2>&1 \
+  || echo "install.sh: could not write Twisted's plugin cache; see docs/operations.md" >&2
 chmod 755 "$PREFIX/bin/tvm-server"
 echo "installed ($MODE) in $PREFIX"
 echo "run:     $PREFIX/bin/tvm-server --key KEY --tracker HOST:PORT"

@@ -154,6 +154,17 @@ def _split(text: str) -> list[str]:
 INHERITED = inherited_from(os.environ, os.getpid(), unset=True)
 
 
+def check(description: str, inherited: Inherited | None = None) -> tuple[int, int]:
+    """(fd, family) a ``systemd:`` description names; raise :class:`ActivationError` if none.
+
+    For start-up checks at option parsing time: the message is the one line
+    the operator sees.
+    """
+    spec = parse_systemd(description)
+    fd = choose(spec, INHERITED if inherited is None else inherited)
+    return fd, socket_family(fd) or spec.family
+
+
 def server_endpoint(reactor: Any, description: str, inherited: Inherited | None = None) -> Any:
     """An ``IStreamServerEndpoint`` for ``description`` (``systemd:`` handled here)."""
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
@@ -161,11 +172,10 @@ def server_endpoint(reactor: Any, description: str, inherited: Inherited | None 
     if not description.startswith("systemd:"):
         return serverFromString(reactor, description)
     try:
-        spec = parse_systemd(description)
-        fd = choose(spec, INHERITED if inherited is None else inherited)
+        fd, family = check(description, inherited)
     except ActivationError as exc:
         return _Unavailable(exc)
-    return AdoptedStreamServerEndpoint(reactor, fd, socket_family(fd) or spec.family)
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
 
 
 def socket_family(fd: int) -> int | None:
