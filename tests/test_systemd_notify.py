@@ -233,3 +233,27 @@ def test_server_ready_only_once_registered_with_a_real_tracker(log_dir, listener
             os.kill(server.proc.pid, signal.SIGTERM)
             listener.wait_for("STOPPING")
             assert server.proc.wait(60) == STOPPED_BY_SIGTERM
+
+
+@pytest.mark.stock
+def test_server_through_a_proxy_is_ready_once_it_waits_there(log_dir, listener):
+    from tests.proxy_support import start_proxy
+
+    with running(start_proxy(log_dir)) as proxy:
+        server = _daemon(
+            "tvm-server",
+            ["--through-proxy", "--host", "127.0.0.1", "--port", str(proxy.port), "--key", "far"],
+            log_dir,
+            listener,
+            "server",
+        )
+        with running(server):
+            ready = listener.wait_for("READY")
+            assert ready["STATUS"] == f"waiting at proxy 127.0.0.1:{proxy.port} as server:far"
+            proxy.wait_for(r"waits as server far\b")
+            session = rpc.connect("127.0.0.1", proxy.port, key="far", session_timeout=60)
+            assert session.get_function("tvm.rpc.server.workpath")(".")
+            listener.wait_for("STATUS", "session running for client:far via proxy", prefix=True)
+            del session
+            gc.collect()
+            listener.wait_for("STATUS", "idle after 1 sessions")
