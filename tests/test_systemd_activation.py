@@ -238,7 +238,7 @@ def test_proxy_pairs_stock_server_and_client_through_the_activated_socket(
         listening = [r for r in records if "listening on" in r["text"]]
         assert listening[0]["namespace"] == "tvmrpc.listening"
         assert listening[0]["name"] == "tvm-proxy"
-        assert listening[0]["port"] == port
+        assert listening[0]["address"] == f"127.0.0.1:{port}"
         os.kill(proxy.proc.pid, signal.SIGTERM)
         assert proxy.proc.wait(30) == -signal.SIGTERM
 

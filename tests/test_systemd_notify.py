@@ -103,6 +103,24 @@ def test_notifier_sends_ready_once_status_on_change_and_watchdog_on_the_clock(tm
         listener.close()
 
 
+def test_listening_status_names_ip_and_unix_addresses():
+    from twisted.internet.address import IPv4Address, UNIXAddress
+
+    class Port:
+        def __init__(self, address):
+            self.address = address
+
+        def getHost(self):
+            return self.address
+
+    assert notify.listening_status(Port(IPv4Address("TCP", "10.0.0.1", 9190))) == (
+        "listening on 10.0.0.1:9190"
+    )
+    assert notify.listening_status(Port(UNIXAddress(b"/run/tvm/tracker.sock"))) == (
+        "listening on unix:/run/tvm/tracker.sock"
+    )
+
+
 def test_unreachable_manager_is_logged_not_raised(tmp_path):
     notifier = notify.Notifier(Clock(), str(tmp_path / "nobody-listens"))
     assert notifier.send(ready=1) is False

@@ -221,7 +221,11 @@ class NotifyService(service.Service):
 
 
 def listening_status(port: Any) -> str:
-    """``listening on HOST:PORT`` for an ``IListeningPort``."""
+    """``listening on HOST:PORT`` (or ``unix:PATH``) for an ``IListeningPort``."""
     address = port.getHost()
-    host = getattr(address, "host", None) or str(address)
-    return f"listening on {host}:{getattr(address, 'port', '')}"
+    if getattr(address, "port", None) is not None:
+        return f"listening on {address.host}:{address.port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return f"listening on unix:{name}" if name is not None else f"listening on {address}"
