@@ -62,6 +62,14 @@ def test_unnamed_descriptors_are_named_unknown_and_the_environment_is_consumed()
     assert env == {"PATH": "/bin"}
 
 
+def test_partial_names_and_bad_counts():
+    env = {"LISTEN_PID": "7", "LISTEN_FDS": "3", "LISTEN_FDNAMES": "a::c:extra"}
+    assert activation.inherited_from(env, 7, unset=False).names == ("a", "unknown", "c")
+    for count in ("-2", "many"):
+        bad = {"LISTEN_PID": "7", "LISTEN_FDS": count, "LISTEN_FDNAMES": "a"}
+        assert activation.inherited_from(bad, 7, unset=False) == activation.Inherited()
+
+
 def test_named_descriptors_and_other_pids():
     env = {"LISTEN_PID": "77", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "tracker:web"}
     assert activation.inherited_from(dict(env), 77, unset=False).names == ("tracker", "web")

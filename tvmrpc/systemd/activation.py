@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ class Inherited:
         pairs = ", ".join(f"{i}: fd {fd} {name!r}" for i, (fd, name) in enumerate(self))
         return f"passed sockets are {pairs}"
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[int, str]]:
         return iter(zip(self.descriptors, self.names, strict=True))
 
 
@@ -75,20 +75,15 @@ def inherited_from(environ: MutableMapping[str, str], pid: int, *, unset: bool) 
     if environ.get("LISTEN_PID") != str(pid):
         return Inherited()
     try:
-        count = int(environ.get("LISTEN_FDS", ""))
+        count = max(int(environ.get("LISTEN_FDS", "")), 0)
     except ValueError:
         count = 0
-    names = [n for n in environ.get("LISTEN_FDNAMES", "").split(":")] if count else []
-    if len(names) != count:
-        names = (names + [UNNAMED] * count)[:count]
+    given = environ.get("LISTEN_FDNAMES", "").split(":")
+    names = [(given[i] if i < len(given) else "") or UNNAMED for i in range(count)]
     if unset:
         for name in LISTEN_VARIABLES:
             environ.pop(name, None)
-    count = max(count, 0)
-    return Inherited(
-        tuple(range(LISTEN_FDS_START, LISTEN_FDS_START + count)),
-        tuple(n or UNNAMED for n in names),
-    )
+    return Inherited(tuple(range(LISTEN_FDS_START, LISTEN_FDS_START + count)), tuple(names))
 
 
 def parse_systemd(description: str) -> SystemdSpec:
