@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from tvmrpc.codec import (
     MAX_FRAME_BYTES,
+    MAX_REPLY_FRAME_BYTES,
+    NO_FRAME,
     RPC_CODE_DUPLICATE,
     RPC_CODE_MISMATCH,
     RPC_CODE_SUCCESS,
@@ -180,3 +182,51 @@ def test_exception_packet_layout(type_index):
     assert (code, nargs, tindex) == (5, 1, type_index)
     assert packet[8 + 20 :].decode() == "RPCSessionTimeoutError: late"
     assert slen == len("RPCSessionTimeoutError: late")
+
+
+@given(st.lists(json_values, min_size=1, max_size=5), st.lists(st.integers(0, 400)))
+def test_pop_yields_the_same_frames_one_at_a_time(values, cuts):
+    stream = b"".join(encode_frame(v) for v in values)
+    decoder = FrameDecoder()
+    decoded = []
+    for piece in chunked(stream, cuts):
+        decoder.append(piece)
+        while (value := decoder.pop()) is not NO_FRAME:
+            decoded.append(value)
+    assert decoded == values
+    assert decoder.buffered == 0
+
+
+def test_pop_decodes_nothing_it_was_not_asked_for():
+    decoder = FrameDecoder()
+    decoder.append(encode_frame([1]) + struct.pack("<i", 3) + b"{{{")
+    assert decoder.pop() == [1]  # the bad frame behind it is not touched yet
+    assert decoder.buffered == 7
+    with pytest.raises(CodecError, match="JSON"):
+        decoder.pop()
+
+
+def test_null_is_a_frame_not_the_end():
+    decoder = FrameDecoder()
+    decoder.append(encode_frame(None))
+    assert decoder.pop() is None
+    assert decoder.pop() is NO_FRAME
+
+
+def test_clear_drops_the_backlog():
+    decoder = FrameDecoder()
+    decoder.append(encode_frame([6]) * 1000)
+    decoder.pop()
+    decoder.clear()
+    assert decoder.buffered == 0
+    assert decoder.pop() is NO_FRAME
+
+
+def test_reply_bound_reads_what_a_request_bound_refuses():
+    big = encode_frame({"queue_info": {f"k{i}": {"free": 1, "pending": 0} for i in range(50_000)}})
+    assert len(big) > MAX_FRAME_BYTES
+    with pytest.raises(CodecError, match="frame length"):
+        FrameDecoder().feed(big)
+    assert len(FrameDecoder(MAX_REPLY_FRAME_BYTES).feed(big)[0]["queue_info"]) == 50_000
+    with pytest.raises(CodecError, match=f"outside 1..{MAX_REPLY_FRAME_BYTES} bytes"):
+        FrameDecoder(MAX_REPLY_FRAME_BYTES).feed(struct.pack("<i", MAX_REPLY_FRAME_BYTES + 1))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tvmrpc.codec import MAX_KEY_CHARS, BadKeyError, check_key, key_problem
+from tvmrpc.codec import MAX_KEY_CHARS, MAX_MATCHKEY_CHARS, BadKeyError, check_key, key_problem
 
 
 @pytest.mark.parametrize("key", ["rk3399", "proxy[k1,k2]", "a" * MAX_KEY_CHARS, "jetson:1234"])
@@ -40,3 +40,24 @@ def test_any_string_is_judged_without_crashing(key: str) -> None:
     printable = key.isprintable() and not any(c.isspace() for c in key)
     valid = 0 < len(key) <= MAX_KEY_CHARS and printable
     assert (problem is None) == valid
+
+
+def test_printable_whitespace_is_only_the_ascii_space() -> None:
+    """What lets key_problem check whitespace with ``" " in key`` after isprintable()."""
+    import sys
+
+    odd = [
+        ch
+        for ch in map(chr, range(sys.maxunicode + 1))
+        if ch.isprintable() and ch.isspace() and ch != " "
+    ]
+    assert odd == []
+
+
+def test_callers_may_allow_longer_keys() -> None:
+    long_key = "server:proxy[" + ",".join(["board"] * 100) + "]"
+    assert "at most 256" in key_problem(long_key)
+    assert key_problem(long_key, max_chars=4096) is None
+    assert check_key(long_key, "UPDATE_INFO key", 4096) == long_key
+    assert key_problem(MAX_MATCHKEY_CHARS * "m") is not None
+    assert key_problem(MAX_MATCHKEY_CHARS * "m", max_chars=MAX_MATCHKEY_CHARS) is None

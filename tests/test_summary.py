@@ -52,3 +52,20 @@ def test_query_output_frame():
     text = format_query_output("h", 1, summary)
     assert text.startswith("Tracker address h:1\n\n")
     assert text.endswith(format_summary(summary) + "\n")
+
+
+def test_partial_server_entries_do_not_break_the_table():
+    """Stock's text_summary raises KeyError/IndexError on these; ours prints them."""
+    summary = {
+        "queue_info": {"rk": {"free": 1, "pending": 0}},
+        "server_info": [
+            {"key": "server:rk", "addr": ["10.0.0.1", 9090], "tvmrpc": {"sessions": 3}},
+            {"key": "server:rk"},
+            {"key": "server", "addr": ["10.0.0.2", 1]},
+        ],
+    }
+    text = format_summary(summary)
+    assert "10.0.0.1:9090            server:rk\n" in text
+    assert "-                        server:rk\n" in text
+    assert "10.0.0.2:1               server\n" in text
+    assert "rk   2      1     0      \n" in text

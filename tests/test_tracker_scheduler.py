@@ -107,9 +107,9 @@ def test_many_cancelled_requests_are_compacted():
 
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("put"), st.integers(0, 3), st.integers(0, 5)),
-        st.tuples(st.just("req"), st.integers(0, 3), st.integers(0, 3)),
-        st.tuples(st.just("drop"), st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("put"), st.integers(0, 3), st.integers(0, 5), st.integers(0, 2)),
+        st.tuples(st.just("req"), st.integers(0, 3), st.integers(0, 3), st.integers(0, 2)),
+        st.tuples(st.just("drop"), st.integers(0, 3), st.just(0), st.just(0)),
     ),
     max_size=60,
 )
@@ -117,37 +117,94 @@ ops = st.lists(
 
 @given(ops)
 def test_invariants_under_random_operations(operations):
-    """Never serve a dropped owner; counts match a naive model; each resource used once."""
+    """Never serve a dropped owner; counts and known keys match a naive model.
+
+    Each resource is used once; a key is listed exactly while it has free
+    resources, waiting requests or a live server that PUT under it (key GC).
+    Match keys are shared across keys, so a re-PUT can move one between keys.
+    """
     s = Scheduler()
-    live_requests: dict[str, list[int]] = {}  # owner -> priorities still waiting
+    live_requests: dict[str, list[tuple[str, int]]] = {}  # owner -> (key, priority) waiting
     dropped_requesters: set[str] = set()
     handed_out: set[str] = set()
-    for op, a, b in operations:
+    free: dict[str, tuple[str, str]] = {}  # matchkey -> (key, owner), still free
+    holders: dict[str, set[str]] = {}  # key -> live servers that PUT under it
+    for op, a, b, k in operations:
+        key = f"k{k}"
         if op == "put":
-            matchkey = f"rk:{a}.{b}"
+            matchkey, owner = f"m:{a}.{b}", f"srv{a}"
             handed_out.discard(matchkey)  # a new PUT is a new resource, even under an old matchkey
-            for assignment in s.put("rk", "h", 1, matchkey, f"srv{a}"):
-                owner = assignment.request.owner
-                assert owner not in dropped_requesters
-                assert assignment.resource.matchkey not in handed_out
-                handed_out.add(assignment.resource.matchkey)
-                live_requests[owner].remove(assignment.request.priority)
+            free.pop(matchkey, None)
+            holders.setdefault(key, set()).add(owner)
+            assignments = s.put(key, "h", 1, matchkey, owner)
+            assert len(assignments) <= 1
+            for assignment in assignments:
+                client = assignment.request.owner
+                assert client not in dropped_requesters
+                assert assignment.resource.matchkey == matchkey
+                handed_out.add(matchkey)
+                live_requests[client].remove((key, assignment.request.priority))
+            if not assignments:
+                free[matchkey] = (key, owner)
         elif op == "req":
             owner = f"cli{a}"
             dropped_requesters.discard(owner)
-            live_requests.setdefault(owner, []).append(b)
-            _, assignments = s.request("rk", "u", b, owner)
+            live_requests.setdefault(owner, []).append((key, b))
+            _, assignments = s.request(key, "u", b, owner)
             for assignment in assignments:
                 assert assignment.request.owner == owner
-                assert assignment.resource.matchkey not in handed_out
-                handed_out.add(assignment.resource.matchkey)
-                live_requests[owner].remove(b)
+                matchkey = assignment.resource.matchkey
+                assert matchkey not in handed_out
+                assert free.pop(matchkey)[0] == key
+                handed_out.add(matchkey)
+                live_requests[owner].remove((key, b))
         else:
             s.drop_owner(f"cli{a}")
             s.drop_owner(f"srv{a}")
             live_requests.pop(f"cli{a}", None)
             dropped_requesters.add(f"cli{a}")
-        info = s.queue_info().get("rk", {"free": 0, "pending": 0})
-        assert info["pending"] == sum(len(p) for p in live_requests.values())
-        # a key never has both free resources and waiting requests
-        assert not (info["free"] and info["pending"])
+            free = {m: v for m, v in free.items() if v[1] != f"srv{a}"}
+            for servers in holders.values():
+                servers.discard(f"srv{a}")
+        expected = {}
+        for name in {f"k{i}" for i in range(3)}:
+            n_free = sum(1 for key_, _ in free.values() if key_ == name)
+            n_pending = sum(key_ == name for waits in live_requests.values() for key_, _ in waits)
+            if n_free or n_pending or holders.get(name):
+                expected[name] = {"free": n_free, "pending": n_pending}
+        assert s.queue_info() == expected
+        assert s.known_keys() == len(expected)
+        for info in expected.values():
+            # a key never has both free resources and waiting requests
+            assert not (info["free"] and info["pending"])
+
+
+def test_keys_leave_when_nothing_refers_to_them():
+    s = Scheduler()
+    for i in range(1000):
+        s.request(f"gone{i}", "u", 1, "client")
+    s.put("busy", "h", 1, "busy:1", SERVER)
+    s.put("spare", "h", 1, "spare:1", OTHER_SERVER)
+    s.request("busy", "u", 1, "taker")  # the server is now in a session: no free slot
+    assert s.known_keys() == 1002
+    s.drop_owner("client")
+    # A busy server keeps its key listed (as stock shows it: total 1, free 0).
+    assert s.queue_info() == {"busy": {"free": 0, "pending": 0}, "spare": {"free": 1, "pending": 0}}
+    s.drop_owner(SERVER)
+    s.drop_owner(OTHER_SERVER)
+    assert s.queue_info() == {}
+    assert s.known_keys() == 0
+
+
+def test_generation_changes_with_state_only():
+    s = Scheduler()
+    start = s.generation
+    s.drop_owner("nobody")
+    assert s.generation == start
+    s.put("rk", "h", 1, "rk:1", SERVER)
+    after_put = s.generation
+    assert after_put != start
+    s.drop_owner("still-nobody")
+    assert s.generation == after_put
+    s.drop_owner(SERVER)
+    assert s.generation != after_put

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from . import sockopts
 from .codec import (
+    MAX_REPLY_FRAME_BYTES,
     TRACKER_MAGIC,
     CodecError,
     FrameDecoder,
@@ -83,7 +84,9 @@ class TrackerClientProtocol(Protocol):
         self._magic_timer: Any = None
         self._magic = MagicDecoder()
         self._handshaken = False
-        self._decoder = FrameDecoder()
+        # Replies (a SUMMARY grows with the tracker's state) are bounded only
+        # loosely: stock's client reads any length (see MAX_REPLY_FRAME_BYTES).
+        self._decoder = FrameDecoder(MAX_REPLY_FRAME_BYTES)
         self._queue: collections.deque[tuple[bytes, Deferred[Any]]] = collections.deque()
         self._in_flight: Deferred[Any] | None = None
         self._closed: Failure | None = None

@@ -1,6 +1,13 @@
 """The tracker summary as text, exactly as stock ``query_rpc_tracker`` prints it.
 
 Pure: takes the SUMMARY reply's dict and returns a string.
+
+Invariants:
+- For every summary stock's ``text_summary`` can print, the text is the same,
+  byte for byte.
+- A server entry stock would crash on (no ``addr``, a key without ``:``; our
+  tracker may list an UPDATE_INFO that sent only some fields) is printed
+  with ``-`` for the missing address instead of failing the whole query.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     servers_per_key: dict[str, int] = {}
     for item in sorted(summary["server_info"], key=lambda info: info["key"]):
-        address = ":".join(map(str, item["addr"]))
+        addr = item.get("addr")
+        address = ":".join(map(str, addr)) if isinstance(addr, list) else "-"
         lines.append(f"{address:21s}    {item['key']}")
-        device_key = item["key"].split(":")[1]
+        device_key = item["key"].partition(":")[2].split(":")[0]  # stock: key.split(":")[1]
         servers_per_key[device_key] = servers_per_key.get(device_key, 0) + 1
     lines += ["-" * 30, ""]
 

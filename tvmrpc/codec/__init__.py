@@ -6,6 +6,7 @@ This package imports nothing else of tvmrpc and does no I/O.
 from .constants import (
     MAX_FRAME_BYTES,
     MAX_KEY_BYTES,
+    MAX_REPLY_FRAME_BYTES,
     RPC_CODE_DUPLICATE,
     RPC_CODE_MISMATCH,
     RPC_CODE_SUCCESS,
@@ -14,7 +15,7 @@ from .constants import (
     TrackerCode,
 )
 from .errors import CodecError
-from .frames import FrameDecoder, MagicDecoder, decode_int32, encode_frame, encode_int32
+from .frames import NO_FRAME, FrameDecoder, MagicDecoder, decode_int32, encode_frame, encode_int32
 from .handshake import (
     HandshakeDecoder,
     PeerKey,
@@ -26,7 +27,7 @@ from .handshake import (
     random_matchkey,
     split_matchkey,
 )
-from .keys import MAX_KEY_CHARS, BadKeyError, check_key, key_problem
+from .keys import MAX_KEY_CHARS, MAX_MATCHKEY_CHARS, BadKeyError, check_key, key_problem
 from .session import (
     RAW_STR_TYPE_INDEX_FFI,
     RAW_STR_TYPE_INDEX_LEGACY,
@@ -38,6 +39,9 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_KEY_BYTES",
     "MAX_KEY_CHARS",
+    "MAX_MATCHKEY_CHARS",
+    "MAX_REPLY_FRAME_BYTES",
+    "NO_FRAME",
     "RAW_STR_TYPE_INDEX_FFI",
     "RAW_STR_TYPE_INDEX_LEGACY",
     "RPC_CODE_DUPLICATE",

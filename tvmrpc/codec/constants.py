@@ -16,8 +16,12 @@ RPC_CODE_DUPLICATE = RPC_MAGIC + 1
 #: Handshake reply: no peer matches this key.
 RPC_CODE_MISMATCH = RPC_MAGIC + 2
 
-#: Largest tracker frame accepted by default (stock rejects frames over 1 MiB).
+#: Largest tracker *request* frame accepted by default (stock rejects frames over 1 MiB).
 MAX_FRAME_BYTES = 1 << 20
+#: Largest tracker *reply* frame a client accepts. Stock's client has no limit
+#: (a SUMMARY grows with the tracker's state), so this is only a sanity bound
+#: against a peer that is not a tracker: 256 MiB is far above any real state.
+MAX_REPLY_FRAME_BYTES = 256 << 20
 #: Largest handshake key accepted by default; real keys are tens of bytes.
 MAX_KEY_BYTES = 4096
 

@@ -1,8 +1,13 @@
 """Tracker frames: little-endian int32 byte length, then UTF-8 JSON.
 
-Invariants: :func:`encode_frame` returns one ``bytes`` object so a frame is
-written with one ``write``; :class:`FrameDecoder` turns any byte stream into
-decoded JSON values or raises :class:`CodecError`, never anything else.
+Invariants:
+- :func:`encode_frame` returns one ``bytes`` object so a frame is written with
+  one ``write``.
+- :class:`FrameDecoder` turns any byte stream into decoded JSON values or
+  raises :class:`CodecError`, never anything else; ``pop`` decodes one frame
+  per call, so nothing is decoded before the receiver asks for it.
+- A frame longer than the decoder's bound is refused as soon as its length
+  prefix is reached, without waiting for its payload.
 """
 
 from __future__ import annotations
@@ -33,43 +38,73 @@ def decode_int32(data: bytes) -> int:
     return _INT32.unpack(data)[0]
 
 
+#: What :meth:`FrameDecoder.pop` returns when no complete frame is buffered
+#: (``None`` is a valid JSON frame, so it cannot be the marker).
+NO_FRAME: Any = object()
+
+
 class FrameDecoder:
     """Incremental decoder for tracker frames.
 
     ``feed`` returns every complete frame the buffered bytes hold, in order.
-    After it raises, the decoder is poisoned: the stream cannot be trusted.
+    ``append`` + ``pop`` do the same one frame at a time, so a receiver can
+    stop between frames (flow control) without decoding what it has not
+    reached. After either raises, the decoder is poisoned: the stream cannot
+    be trusted.
     """
 
-    __slots__ = ("_buffer", "_max_frame_bytes")
+    __slots__ = ("_buffer", "_max_frame_bytes", "_offset")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._buffer = bytearray()
+        self._offset = 0  # bytes of _buffer already consumed by pop()
         self._max_frame_bytes = max_frame_bytes
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buffer)
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buffer) - self._offset
 
     def feed(self, data: bytes) -> list[Any]:
         """Buffer ``data`` and return the JSON values of all complete frames."""
-        buf = self._buffer
-        buf += data
+        self.append(data)
         values = []
-        offset = 0
-        end = len(buf)
-        while end - offset >= 4:
-            (length,) = _INT32.unpack_from(buf, offset)
-            if length <= 0 or length > self._max_frame_bytes:
-                raise CodecError(f"frame length {length} outside 1..{self._max_frame_bytes} bytes")
-            if end - offset - 4 < length:
-                break
-            start = offset + 4
-            offset = start + length
-            values.append(_decode_json(bytes(buf[start:offset])))
-        if offset:
-            del buf[:offset]
+        while (value := self.pop()) is not NO_FRAME:
+            values.append(value)
         return values
+
+    def append(self, data: bytes) -> None:
+        """Buffer ``data`` without decoding anything."""
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def pop(self) -> Any:
+        """Decode and return the next complete frame, or :data:`NO_FRAME`."""
+        buf = self._buffer
+        offset = self._offset
+        if len(buf) - offset < 4:
+            return NO_FRAME
+        (length,) = _INT32.unpack_from(buf, offset)
+        if length <= 0 or length > self._max_frame_bytes:
+            raise CodecError(f"frame length {length} outside 1..{self._max_frame_bytes} bytes")
+        start = offset + 4
+        end = start + length
+        if end > len(buf):
+            return NO_FRAME
+        payload = bytes(buf[start:end])
+        if end == len(buf):
+            buf.clear()
+            self._offset = 0
+        else:
+            self._offset = end  # compacted by the next append()
+        return _decode_json(payload)
+
+    def clear(self) -> None:
+        """Drop everything buffered (the connection is gone)."""
+        self._buffer = bytearray()
+        self._offset = 0
 
 
 def _decode_json(payload: bytes) -> Any:

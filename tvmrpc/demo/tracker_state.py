@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..codec import (
+    MAX_REPLY_FRAME_BYTES,
     TRACKER_MAGIC,
     FrameDecoder,
     TrackerCode,
@@ -51,7 +52,7 @@ def summary(
         if decode_int32(_recv_exact(sock, 4)) != TRACKER_MAGIC:
             raise CodecError("not a TVM tracker (bad magic)")
         sock.sendall(encode_frame([int(TrackerCode.SUMMARY)]))
-        decoder = FrameDecoder()
+        decoder = FrameDecoder(MAX_REPLY_FRAME_BYTES)
         while True:
             chunk = sock.recv(65536)
             if not chunk:

@@ -1,21 +1,60 @@
 """Tracker requests: validate a decoded JSON frame into a typed command.
 
-Pure. :func:`parse_command` accepts exactly the shapes stock clients and
-servers send and raises :class:`CommandError` for anything else (unknown
-code, wrong arity, wrong types), so the protocol can close that connection.
+Pure. Invariants:
+- :func:`parse_command` accepts exactly the shapes stock clients and servers
+  send and raises :class:`CommandError` for anything else (unknown code, wrong
+  arity, wrong types), so the protocol can close that connection.
+- Keys (PUT key, match key and custom address, REQUEST key) follow the shared
+  grammar of :mod:`tvmrpc.codec.keys`, and UPDATE_INFO is reduced to what
+  :func:`~tvmrpc.tracker.info.clean_info` keeps; a well-formed request that
+  breaks those rules raises :class:`RefusedError` (a :class:`CommandError`), which
+  the protocol answers with ``[FAIL, reason]`` and keeps the connection.
+- Every value in a command is bounded: nothing a peer sends is stored larger
+  than its key limits, and error messages show at most a short preview of
+  the offending value (never a repr of arbitrary size or depth).
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Union
 
 import attrs
 
-from ..codec import TrackerCode
+from ..codec import MAX_KEY_CHARS, MAX_MATCHKEY_CHARS, TrackerCode, key_problem
+from .info import InfoError, clean_info
 
 
 class CommandError(ValueError):
     """A frame that is valid JSON but not a valid tracker request."""
+
+
+class RefusedError(CommandError):
+    """A well-formed request the tracker refuses (bad key, bad UPDATE_INFO value)."""
+
+
+_preview_repr = reprlib.Repr()
+_preview_repr.maxlevel = 2
+_preview_repr.maxstring = 60
+_preview_repr.maxother = 60
+
+
+def preview(value: Any) -> str:
+    """A short repr of a peer's value for messages (bounded length and depth)."""
+    return _preview_repr.repr(value)[:80]
+
+
+def _key(value: Any, what: str, max_chars: int = MAX_KEY_CHARS) -> str:
+    # The common case inline (every PUT and REQUEST passes here); key_problem
+    # is the one definition and gives the reason otherwise.
+    if (
+        type(value) is str
+        and 0 < len(value) <= max_chars
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value
+    raise RefusedError(key_problem(value, what, max_chars) or f"{what} is not a valid key")
 
 
 @attrs.frozen
@@ -77,16 +116,12 @@ def _arity(args: list[Any], *allowed: int) -> None:
         raise CommandError(f"code {args[0]} takes {expected} elements, got {len(args)}")
 
 
-def _string(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise CommandError(f"{what} must be a string, got {value!r:.80}")
-    return value
-
-
 def parse_command(value: Any) -> Command:
     """Turn one decoded frame into a command or raise :class:`CommandError`."""
     if not isinstance(value, list) or not value or not _is_int(value[0]):
-        raise CommandError(f"a request is a list starting with an integer code, got {value!r:.80}")
+        raise CommandError(
+            f"a request is a list starting with an integer code, got {preview(value)}"
+        )
     code = value[0]
     if code == TrackerCode.PING:
         _arity(value, 1)
@@ -96,40 +131,39 @@ def parse_command(value: Any) -> Command:
         return Stop(value[1])
     if code == TrackerCode.PUT:
         _arity(value, 3, 4)
-        key = _string(value[1], "PUT key")
         slot = value[2]
         if not (isinstance(slot, list) and len(slot) == 2 and _is_int(slot[0])):
-            raise CommandError(f"PUT wants [port, matchkey], got {slot!r:.80}")
+            raise CommandError(f"PUT wants [port, matchkey], got {preview(slot)}")
         if not 0 <= slot[0] <= 65535:
             raise CommandError(f"PUT port {slot[0]} out of range")
-        matchkey = _string(slot[1], "PUT matchkey")
+        key = _key(value[1], "PUT key")
+        matchkey = _key(slot[1], "PUT matchkey", MAX_MATCHKEY_CHARS)
         custom_addr = value[3] if len(value) == 4 else None
         if custom_addr is not None:
-            custom_addr = _string(custom_addr, "PUT custom address")
+            custom_addr = _key(custom_addr, "PUT custom address")
         return Put(key, slot[0], matchkey, custom_addr)
     if code == TrackerCode.REQUEST:
         _arity(value, 4)
-        key = _string(value[1], "REQUEST key")
-        user = value[2] if isinstance(value[2], str) else str(value[2])
         if not _is_number(value[3]):
-            raise CommandError(f"REQUEST priority must be a number, got {value[3]!r:.80}")
-        return RequestResource(key, user, value[3])
+            raise CommandError(f"REQUEST priority must be a number, got {preview(value[3])}")
+        key = _key(value[1], "REQUEST key")
+        # Stock ignores the user; keep a bounded form of it for logs.
+        user = value[2] if isinstance(value[2], str) else preview(value[2])
+        return RequestResource(key, user[:MAX_KEY_CHARS], value[3])
     if code == TrackerCode.UPDATE_INFO:
         _arity(value, 2)
         info = value[1]
         if not isinstance(info, dict):
-            raise CommandError(f"UPDATE_INFO wants an object, got {info!r:.80}")
-        if "key" in info and not isinstance(info["key"], str):
-            raise CommandError("UPDATE_INFO key must be a string")
-        addr = info.get("addr")
-        if addr is not None and not (isinstance(addr, list) and len(addr) == 2):
-            raise CommandError(f"UPDATE_INFO addr must be [host, port], got {addr!r:.80}")
-        return UpdateInfo(info)
+            raise CommandError(f"UPDATE_INFO wants an object, got {preview(info)}")
+        try:
+            return UpdateInfo(clean_info(info))
+        except InfoError as exc:
+            raise RefusedError(str(exc)) from None
     if code == TrackerCode.SUMMARY:
         _arity(value, 1, 2)
         options = value[1] if len(value) == 2 else {}
         if not isinstance(options, dict):
-            raise CommandError(f"SUMMARY options must be an object, got {options!r:.80}")
+            raise CommandError(f"SUMMARY options must be an object, got {preview(options)}")
         return Summary(extended=bool(options.get("tvmrpc")))
     if code == TrackerCode.GET_PENDING_MATCHKEYS:
         _arity(value, 1)

@@ -5,24 +5,42 @@ Invariants:
   a REQUEST's reply is written when a resource is assigned.
 - Bad input (wrong magic, bad frame, invalid request) is logged with the peer
   and closes that connection only; what it had queued or PUT is dropped, and
-  nothing belonging to another connection is touched.
-- A closed connection's queued requests and free resources leave the
-  scheduler at once.
+  nothing belonging to another connection is touched. A well-formed request
+  with a bad key or a bad UPDATE_INFO value is refused with
+  ``[FAIL, reason]`` (logged at warn with the peer, at most once a minute
+  per connection with a count of the others); the connection stays.
+- A connection that does not send the tracker magic within the handshake
+  timeout is closed.
+- Flow control: each connection is a streaming producer on its transport.
+  While its unsent replies exceed the transport's buffer (64 KiB), it reads
+  nothing and handles none of the frames it already received; at most
+  ``frames_per_turn`` frames are handled before other connections get a turn
+  of the reactor. So one peer's burst costs the others at most one turn, and
+  its replies never pile up in memory.
+- A connection has at most :data:`MAX_WAITING_REQUESTS` requests waiting;
+  one more is refused.
+- A closed connection's queued requests, free resources and unhandled frames
+  leave at once.
+- SUMMARY is encoded once per change of state and the same bytes are sent to
+  every asker until the state changes again.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import sockopts
 from ..codec import (
     MAX_FRAME_BYTES,
+    NO_FRAME,
     TRACKER_MAGIC,
     CodecError,
     FrameDecoder,
@@ -31,12 +49,14 @@ from ..codec import (
     encode_frame,
     encode_int32,
 )
+from ..ratelimit import RateLimit
 from .boards import BoardState
 from .commands import (
     CommandError,
     GetPendingMatchkeys,
     Ping,
     Put,
+    RefusedError,
     RequestResource,
     Stop,
     Summary,
@@ -48,7 +68,30 @@ from .scheduler import Assignment, Scheduler, board_name
 
 log = Logger(namespace="tvmrpc.tracker")
 
+#: Seconds a new connection may take to send the tracker magic.
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+#: Frames handled for one connection before the reactor serves the others.
+FRAMES_PER_TURN = 128
+#: Requests one connection may have waiting at once (a stock client has one).
+MAX_WAITING_REQUESTS = 1024
+#: Seconds between two warnings about refused requests of one connection.
+REFUSAL_LOG_INTERVAL = 60.0
 
+
+class Phase(enum.Enum):
+    """Where a tracker connection is in its life."""
+
+    GREETING = "waiting for the tracker magic"
+    SERVING = "serving requests"
+    CLOSED = "closing or closed"
+
+
+# Module-level names for the per-frame checks: an enum class attribute costs
+# ten times a global lookup, and the tracker checks the phase on every read.
+_GREETING, _SERVING, _CLOSED = Phase.GREETING, Phase.SERVING, Phase.CLOSED
+
+
+@implementer(IPushProducer)
 class TrackerProtocol(Protocol):
     """Serves one tracker connection (a server, a proxy or a client)."""
 
@@ -57,11 +100,15 @@ class TrackerProtocol(Protocol):
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}
         self.peer_host = "?"
+        self.phase = Phase.GREETING
         self._greeting = MagicDecoder()
-        self._greeted = False
-        self._closing = False
+        self._decoder = FrameDecoder()
         self._stop_requested = False
-        self._decoder: FrameDecoder | None = None
+        self._write_paused = False  # the transport's write buffer is over its bound
+        self._reading_paused = False  # we told the transport to stop reading
+        self._turn: Any = None  # DelayedCall that continues a backlog
+        self._handshake_timer: Any = None
+        self._refusals: RateLimit | None = None
 
     def __repr__(self) -> str:
         return f"<tracker connection {self.peer_host} {self.info.get('key', '')}>"
@@ -69,43 +116,39 @@ class TrackerProtocol(Protocol):
     # -- Protocol -------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        factory = self.factory
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", str(peer))
-        self._decoder = FrameDecoder(self.factory.max_frame_bytes)
+        self._decoder = FrameDecoder(factory.max_frame_bytes)
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
-        self.factory.connections[self] = None
+        factory.connections[self] = None
+        self.transport.registerProducer(self, True)
+        self._handshake_timer = factory.clock.callLater(
+            factory.handshake_timeout, self._handshake_timed_out
+        )
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        phase = self.phase
+        if phase is _CLOSED:
             return
         sockopts.quickack(self.transport)
-        if not self._greeted:
+        if phase is _GREETING:
             greeting = self._greeting.feed(data)
             if greeting is None:
                 return
+            self._cancel_handshake_timer()
             magic, data = greeting
             if magic != TRACKER_MAGIC:
                 self._reject(f"bad tracker magic {magic:#x}")
                 return
-            self._greeted = True
+            self.phase = _SERVING
             self.transport.write(encode_int32(TRACKER_MAGIC))
-        try:
-            frames = self._decoder.feed(data)
-        except CodecError as exc:
-            self._reject(str(exc))
-            return
-        for frame in frames:
-            if self._closing:
-                return
-            try:
-                command = parse_command(frame)
-            except CommandError as exc:
-                self._reject(str(exc))
-                return
-            self._handle(command)
+        self._decoder.append(data)
+        self._serve()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._shut()
         self.factory.forget(self)
         if self.info.get("key", "").startswith("server"):
             log.info(
@@ -116,11 +159,79 @@ class TrackerProtocol(Protocol):
         if self._stop_requested:
             self.factory.on_stop()
 
+    # -- IPushProducer (called by the transport) --------------------------------
+
+    def pauseProducing(self) -> None:
+        """The peer's unsent replies exceed the bound: stop reading and handling."""
+        self._write_paused = True
+        self._pause_reading()
+
+    def resumeProducing(self) -> None:
+        """The peer took its replies: handle what is buffered, then read again."""
+        self._write_paused = False
+        if self._turn is None:
+            self._serve()
+
+    def stopProducing(self) -> None:
+        """The transport is gone: drop every frame not handled yet."""
+        self._shut()
+
+    # -- flow control ----------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Handle buffered frames until none is left, replies back up or the turn ends."""
+        budget = self.factory.frames_per_turn
+        pop = self._decoder.pop
+        while self.phase is _SERVING and not self._write_paused:
+            if budget == 0:
+                self._pause_reading()
+                self._turn = self.factory.clock.callLater(0, self._next_turn)
+                return
+            try:
+                frame = pop()
+            except CodecError as exc:
+                self._reject(str(exc))
+                return
+            if frame is NO_FRAME:
+                if self._reading_paused:
+                    self._resume_reading()
+                return
+            budget -= 1
+            try:
+                command = parse_command(frame)
+            except RefusedError as exc:
+                self._refuse(str(exc))
+                continue
+            except CommandError as exc:
+                self._reject(str(exc))
+                return
+            self._handle(command)
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        self._serve()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.phase is not _CLOSED:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
     # -- requests -------------------------------------------------------------
 
     def _handle(self, command: Any) -> None:
         factory = self.factory
         if isinstance(command, RequestResource):
+            if factory.scheduler.waiting_requests(self) >= MAX_WAITING_REQUESTS:
+                self._refuse(
+                    f"this connection already has {MAX_WAITING_REQUESTS} requests waiting "
+                    f"(at most {MAX_WAITING_REQUESTS}; stock clients wait for each answer)"
+                )
+                return
             if factory.verbose:
                 log.info(
                     "{host} requests {key} (priority {priority})",
@@ -154,13 +265,17 @@ class TrackerProtocol(Protocol):
         elif isinstance(command, GetPendingMatchkeys):
             self.reply(factory.scheduler.pending_matchkeys(self))
         elif isinstance(command, Summary):
-            self.reply([TrackerCode.SUCCESS, factory.summary(command.extended)])
+            if command.extended:  # expected waits change with time: never cached
+                self.reply([TrackerCode.SUCCESS, factory.summary(extended=True)])
+            else:
+                self.transport.write(factory.summary_frame())
         elif isinstance(command, UpdateInfo):
             info = dict(command.info)
             addr = info.get("addr")
             if addr is not None and addr[0] is None:
                 info["addr"] = [self.peer_host, addr[1]]
             self.info.update(info)
+            factory.info_changed()
             if str(info.get("key", "")).startswith("server"):
                 log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
             self.reply(TrackerCode.SUCCESS)
@@ -170,8 +285,7 @@ class TrackerProtocol(Protocol):
                 log.info("stop requested by {host}", host=self.peer_host)
                 self.reply(TrackerCode.SUCCESS)
                 self._stop_requested = True
-                self._closing = True
-                self.transport.loseConnection()
+                self._close()
             else:
                 log.warn("refused STOP from {host}: wrong or no stop key", host=self.peer_host)
                 self.reply(TrackerCode.FAIL)
@@ -180,13 +294,65 @@ class TrackerProtocol(Protocol):
         """Write one reply frame."""
         self.transport.write(encode_frame(value))
 
+    # -- endings --------------------------------------------------------------
+
+    def _refuse(self, reason: str) -> None:
+        """Answer a well-formed but unacceptable request; the connection stays.
+
+        Logged the first time, then at most once a minute per connection with
+        the count held back, so a peer repeating a bad request cannot flood
+        the log.
+        """
+        if self._refusals is None:
+            self._refusals = RateLimit(REFUSAL_LOG_INTERVAL)
+        held = self._refusals.event(self.factory.clock.seconds())
+        if held is not None:
+            more = f" ({held} more refused from this connection since the last report)"
+            log.warn(
+                "refused a request from {host}: {reason}{more}",
+                host=self.peer_host,
+                reason=reason,
+                more=more if held else "",
+            )
+        self.reply([TrackerCode.FAIL, reason])
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        log.info(
+            "closing tracker connection from {host}: no tracker magic within {timeout:g} s",
+            host=self.peer_host,
+            timeout=self.factory.handshake_timeout,
+        )
+        self._close()
+
     def _reject(self, reason: str) -> None:
         log.warn(
             "closing tracker connection from {host}: {reason}", host=self.peer_host, reason=reason
         )
-        self._closing = True
+        self._close()
+
+    def _close(self) -> None:
+        """Stop serving, drop this connection's state and close it after its replies."""
+        self._shut()
         self.factory.forget(self)
+        # A transport with a registered producer never closes: unregister first.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def _shut(self) -> None:
+        """Enter CLOSED: no more frames handled, timers cancelled, buffers dropped."""
+        self.phase = _CLOSED
+        self._cancel_handshake_timer()
+        if self._turn is not None:
+            if self._turn.active():
+                self._turn.cancel()
+            self._turn = None
+        self._decoder.clear()
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
 
 class TrackerFactory(Factory):
@@ -202,6 +368,8 @@ class TrackerFactory(Factory):
         verbose: bool = False,
         scheduler: Scheduler | None = None,
         clock: IReactorTime | None = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        frames_per_turn: int = FRAMES_PER_TURN,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -209,17 +377,29 @@ class TrackerFactory(Factory):
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         self.holds = HoldTracker()
         self.waits = WaitEstimator()
+        # A key that leaves the tracker takes its hold-time statistics with it.
+        self.scheduler.on_forget = self.waits.forget
         self.connections: dict[TrackerProtocol, None] = {}
         self.stop_key = stop_key
         self.on_stop = on_stop or (lambda: None)
         self.max_frame_bytes = max_frame_bytes
         self.verbose = verbose
+        self.handshake_timeout = handshake_timeout
+        self.frames_per_turn = frames_per_turn
+        self._info_generation = 0
+        self._summary_cache: tuple[tuple[int, int], bytes] | None = None
 
     def forget(self, conn: TrackerProtocol) -> None:
         """Drop a connection's requests and resources (idempotent)."""
         if self.connections.pop(conn, False) is not False:
             self.scheduler.drop_owner(conn)
             self.board_free_again(conn)
+            if conn.info:
+                self.info_changed()
+
+    def info_changed(self) -> None:
+        """A connection's info changed: SUMMARY must be encoded again."""
+        self._info_generation += 1
 
     def board_free_again(self, conn: TrackerProtocol) -> None:
         """``conn``'s board is free again (it PUT) or gone: its hold, if any, ended."""
@@ -250,7 +430,8 @@ class TrackerFactory(Factory):
                 )
             elif was is BoardState.QUARANTINED:
                 log.info("board {board} passed its health check: back in service", board=board)
-                self.deliver(self.scheduler.rematch())
+            # Free counts changed either way; a board back in service may serve at once.
+            self.deliver(self.scheduler.rematch())
 
     def expected_waits(self) -> dict[str, float | None]:
         """Each key's expected wait for a request joining the back of its queue now."""
@@ -291,3 +472,14 @@ class TrackerFactory(Factory):
         if extended:
             summary["tvmrpc"] = {"expected_wait_seconds": self.expected_waits()}
         return summary
+
+    def summary_frame(self) -> bytes:
+        """The encoded plain SUMMARY reply, cached until the state changes."""
+        version = (self.scheduler.generation, self._info_generation)
+        cache = self._summary_cache
+        if cache is None or cache[0] != version:
+            cache = self._summary_cache = (
+                version,
+                encode_frame([TrackerCode.SUCCESS, self.summary()]),
+            )
+        return cache[1]

@@ -17,12 +17,20 @@ tracker uses its connections). Invariants:
   not counted as free; :meth:`Scheduler.rematch` hands it out once it is.
 - The order of waiting requests is the queue's (:mod:`.queues`): stock's
   priority-then-FIFO by default, fair share across client hosts on request.
+- A key is known (listed by :meth:`Scheduler.queue_info`) exactly while it has
+  free resources, waiting requests, or a live owner that PUT under it (a
+  server busy in a session keeps its key listed, as stock shows it); then it
+  is forgotten, with everything stored for it, and ``on_forget`` is told.
+- :attr:`Scheduler.generation` changes whenever anything :meth:`queue_info`
+  or :meth:`pending_matchkeys` report may have changed (rule changes count
+  once :meth:`Scheduler.rematch` is called), so callers can cache what they
+  derive from them.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import attrs
@@ -83,10 +91,14 @@ class _Queue:
 
     waiting: RequestQueue
     free: dict[str, Resource] = attrs.Factory(dict)  # insertion order = FIFO
+    holders: int = 0  # live owners that PUT under this key
 
     @property
     def pending(self) -> int:
         return len(self.waiting)
+
+    def idle(self) -> bool:
+        return not self.free and not len(self.waiting) and not self.holders
 
 
 class Scheduler:
@@ -103,6 +115,12 @@ class Scheduler:
         self._requests: dict[Hashable, list[Request]] = {}
         # matchkey -> Resource, for replacement across keys and owners
         self._by_matchkey: dict[str, Resource] = {}
+        # owner -> keys it PUT under (each counted once in that queue's holders)
+        self._put_keys: dict[Hashable, set[str]] = {}
+        #: Bumped on every change of state (see the module invariants).
+        self.generation = 0
+        #: Called with each key that is forgotten (e.g. to drop its statistics).
+        self.on_forget: Callable[[str], None] | None = None
 
     # -- commands ------------------------------------------------------------
 
@@ -110,11 +128,20 @@ class Scheduler:
         self, key: str, addr: str, port: int, matchkey: str, owner: Hashable
     ) -> list[Assignment]:
         """Add a free resource (replacing one with the same matchkey) and match."""
+        self.generation += 1
         old = self._by_matchkey.get(matchkey)
         if old is not None:
             self._discard(old)
+            self._collect(old.key)
         resource = Resource(key=key, addr=addr, port=port, matchkey=matchkey, owner=owner)
-        self._queue(key).free[matchkey] = resource
+        queue = self._queue(key)
+        keys = self._put_keys.get(owner)
+        if keys is None:
+            keys = self._put_keys[owner] = set()
+        if key not in keys:
+            keys.add(key)
+            queue.holders += 1
+        queue.free[matchkey] = resource
         self._owned.setdefault(owner, {})[matchkey] = resource
         self._by_matchkey[matchkey] = resource
         return self._match(key)
@@ -123,6 +150,7 @@ class Scheduler:
         self, key: str, user: str, priority: float, owner: Hashable, host: str = ""
     ) -> tuple[Request, list[Assignment]]:
         """Queue a request from client ``host`` and match; it may be served at once."""
+        self.generation += 1
         request = Request(
             key=key, user=user, priority=priority, seq=next(self._seq), owner=owner, host=host
         )
@@ -132,7 +160,12 @@ class Scheduler:
         return request, self._match(key)
 
     def rematch(self, key: str | None = None) -> list[Assignment]:
-        """Match again after the rules changed (a resume, a quarantine lifted)."""
+        """Match again after the rules changed (a resume, a quarantine lifted).
+
+        Call it after every change of the rules: it also marks the state as
+        changed (free counts depend on the rules).
+        """
+        self.generation += 1
         keys = [key] if key is not None else list(self._queues)
         assignments: list[Assignment] = []
         for name in keys:
@@ -142,30 +175,48 @@ class Scheduler:
 
     def drop_owner(self, owner: Hashable) -> None:
         """Forget an owner: cancel its requests and remove its free resources."""
-        for request in self._requests.pop(owner, ()):
+        requests = self._requests.pop(owner, ())
+        owned = self._owned.pop(owner, {})
+        put_keys = self._put_keys.pop(owner, ())
+        if not (requests or owned or put_keys):
+            return
+        self.generation += 1
+        touched = set(put_keys)
+        for request in requests:
             if request.live:
                 request.live = False
                 self._queues[request.key].waiting.cancel(request)
-        for resource in list(self._owned.get(owner, {}).values()):
+                touched.add(request.key)
+        for resource in list(owned.values()):
             self._discard(resource)
-        self._owned.pop(owner, None)
+            touched.add(resource.key)
+        for key in put_keys:
+            self._queues[key].holders -= 1
+        for key in touched:
+            self._collect(key)
 
     def remove(self, matchkey: str) -> bool:
         """Remove a free resource by matchkey; return whether it was there."""
         resource = self._by_matchkey.get(matchkey)
         if resource is None:
             return False
+        self.generation += 1
         self._discard(resource)
+        self._collect(resource.key)
         return True
 
     # -- queries -------------------------------------------------------------
+
+    def waiting_requests(self, owner: Hashable) -> int:
+        """How many of ``owner``'s requests wait for a resource."""
+        return len(self._requests.get(owner, ()))
 
     def pending_matchkeys(self, owner: Hashable) -> list[str]:
         """The matchkeys ``owner`` PUT that no request has taken yet."""
         return list(self._owned.get(owner, ()))
 
     def queue_info(self) -> dict[str, dict[str, int]]:
-        """``{key: {"free": n, "pending": m}}`` for every key ever seen (as stock).
+        """``{key: {"free": n, "pending": m}}`` for every known key (see the invariants).
 
         ``free`` counts the resources that may be handed out now.
         """
@@ -193,6 +244,20 @@ class Scheduler:
             queue = self._queues[key] = _Queue(waiting=waiting)
         return queue
 
+    def known_keys(self) -> int:
+        """How many keys the scheduler holds state for."""
+        return len(self._queues)
+
+    def _collect(self, key: str) -> None:
+        """Forget ``key`` if nothing refers to it any more."""
+        queue = self._queues.get(key)
+        if queue is not None and queue.idle():
+            del self._queues[key]
+            if not self._queues:
+                self._queues = {}  # a dict keeps its peak size; give that memory back
+            if self.on_forget is not None:
+                self.on_forget(key)
+
     def _discard(self, resource: Resource) -> None:
         self._queues[resource.key].free.pop(resource.matchkey, None)
         owned = self._owned.get(resource.owner)
@@ -200,6 +265,8 @@ class Scheduler:
             owned.pop(resource.matchkey, None)
         if self._by_matchkey.get(resource.matchkey) is resource:
             del self._by_matchkey[resource.matchkey]
+            if not self._by_matchkey:
+                self._by_matchkey = {}  # as in _collect
 
     def _first_available(self, key: str, queue: _Queue) -> Resource | None:
         rules = self.rules

@@ -9,7 +9,7 @@ from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
 from ..systemd.notify import NotifyService, listening_status
 from .boards import BoardRules
-from .protocol import TrackerFactory
+from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, TrackerFactory
 from .scheduler import Scheduler
 
 DEFAULT_PORT = 9190
@@ -45,6 +45,13 @@ class Options(ListenOptions):
             "Stop handing out a board after this many consecutive failed sessions.",
             int,
         ],
+        [
+            "handshake-timeout",
+            None,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+            "Seconds a new connection may take to send the tracker magic.",
+            float,
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -52,6 +59,8 @@ class Options(ListenOptions):
             raise usage.UsageError("--max-frame-bytes must be at least 64")
         if self["quarantine-after"] < 1:
             raise usage.UsageError("--quarantine-after must be at least 1")
+        if self["handshake-timeout"] <= 0:
+            raise usage.UsageError("--handshake-timeout must be positive")
 
 
 def makeService(options: Options) -> service.IService:
@@ -71,6 +80,8 @@ def makeService(options: Options) -> service.IService:
             fair_share=options["fair-share"],
             rules=BoardRules(quarantine_after=options["quarantine-after"]),
         ),
+        clock=reactor,
+        handshake_timeout=options["handshake-timeout"],
     )
     top = service.MultiService()
     listener = listening_service(
