@@ -423,3 +423,32 @@ def test_refusals_are_logged_once_a_minute_per_connection(clock_factory):
         "refused a request from 10.0.0.67: REQUEST key 'bad key' has whitespace or control "
         "characters",
     ]
+
+
+def test_extended_summary_is_fresh_and_plain_one_cached(clock_factory):
+    factory = clock_factory
+    server = Peer(factory, "10.0.0.5")
+    server.send([3, "rk", [9090, "rk:1"]])
+    client = Peer(factory, "10.0.0.9")
+    plain = client.send([6])[0][1]
+    assert "tvmrpc" not in plain
+    extended = client.send([6, {"tvmrpc": 1}])[0][1]
+    assert extended["tvmrpc"] == {"expected_wait_seconds": {"rk": 0.0}}
+    assert extended["queue_info"] == plain["queue_info"]
+    frame = factory.summary_frame()
+    client.send([6, {"tvmrpc": 1}])
+    assert factory.summary_frame() is frame
+
+
+def test_a_key_that_leaves_takes_its_wait_statistics(clock_factory):
+    factory = clock_factory
+    server = Peer(factory, "10.0.0.5")
+    client = Peer(factory, "10.0.0.9")
+    server.send([3, "rk", [9090, "rk:1"]])
+    assert client.send([4, "rk", "", 1]) == [[0, ["10.0.0.5", 9090, "rk:1"]]]
+    factory.clock.advance(2)
+    server.send([3, "rk", [9090, "rk:2"]])  # the board is free again: a 2 s hold
+    assert factory.waits.mean_hold("rk") == 2
+    server.close()
+    assert factory.scheduler.queue_info() == {}
+    assert factory.waits.mean_hold("rk") is None

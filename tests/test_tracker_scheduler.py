@@ -208,3 +208,18 @@ def test_generation_changes_with_state_only():
     assert s.generation == after_put
     s.drop_owner(SERVER)
     assert s.generation != after_put
+
+
+def test_forgotten_keys_are_reported_and_rule_changes_count_as_changes():
+    s = Scheduler()
+    forgotten = []
+    s.on_forget = forgotten.append
+    s.request("gone", "u", 1, "client")
+    s.put("kept", "h", 1, "kept:1", SERVER)
+    s.drop_owner("client")
+    assert forgotten == ["gone"]
+    before = s.generation
+    s.rules.drain(key="kept")
+    assert s.rematch() == []
+    assert s.generation != before  # free counts depend on the rules
+    assert s.queue_info() == {"kept": {"free": 0, "pending": 0}}
