@@ -16,7 +16,7 @@ def parsed(*argv: str) -> Options:
 
 
 def factory_of(options: Options):
-    (listener,) = list(makeService(options))
+    (listener,) = [svc for svc in makeService(options) if hasattr(svc, "factory")]
     return listener.factory
 
 
