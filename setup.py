@@ -37,6 +37,7 @@ setup(
         "twisted>=23.10",
         "attrs>=22.2",
         "service-identity>=21.1",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "tvm": ["apache-tvm", "numpy"],
@@ -55,6 +56,7 @@ setup(
             "psutil",
             "pyelftools",
             "cmake>=3.26",
+            "selenium>=4.11",
         ],
         "dev": ["ruff>=0.5"],
     },

@@ -140,18 +140,25 @@ def loaded_summary(port: int, resources: int, requests: int, n: int) -> float:
 def main(flags: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench tracker")
     parser.add_argument("--quick", action="store_true", help="fewer samples")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="run our tracker with --status (its /metrics, JSON and page served) to measure "
+        "what observability costs",
+    )
     args, _ = parser.parse_known_args(flags)
     n = 20 if args.quick else 100
     seconds = 2.0 if args.quick else 5.0
     resources, requests = (1000, 100) if args.quick else (10000, 1000)
 
-    table = Table("tracker (stock client wire, loopback)")
+    suffix = ", ours with --status" if args.status else ""
+    table = Table("tracker (stock client wire, loopback)" + suffix)
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        with running(start_stock_tracker(logs)) as stock, running(
-            # Every bench connection comes from 127.0.0.1: lift the per-peer cap (default 512).
-            start_tracker(logs, "--max-connections-per-peer", "0")
-        ) as ours:
+        extra = ("--status", "tcp:0:interface=127.0.0.1") if args.status else ()
+        # Every bench connection comes from 127.0.0.1: lift the per-peer cap (default 512).
+        ours_tracker = start_tracker(logs, "--max-connections-per-peer", "0", *extra)
+        with running(start_stock_tracker(logs)) as stock, running(ours_tracker) as ours:
             ports = {"stock": stock.port, "ours": ours.port}
             measure = [
                 ("SUMMARY p50 (ms)", lambda p: summary_latency(p, n), "lower"),

@@ -43,6 +43,7 @@ from ..codec import (
     parse_key,
     proxy_matchkey,
 )
+from ..status.peeraddr import tell
 from . import handover
 from .splice import SpliceRelay
 from .switchboard import ILeg, Switchboard
@@ -71,6 +72,9 @@ class LegMixin:
         self._early = bytearray()
         self._timer: IDelayedCall | None = None
         self._closed = False
+        #: Bytes this leg received and forwarded to its peer in userspace (tvmrpc.status).
+        self.forwarded = 0
+        self._relay_first = False
         #: Splice path: the handshake answer waiting for the relay, and the relay.
         self._splicing = False
         self._answer = b""
@@ -87,6 +91,7 @@ class LegMixin:
         """Bytes from the remote end, whatever the phase."""
         peer = self.partner
         if peer is not None:
+            self.forwarded += len(data)
             peer._write(data)
             return
         if self._decoder is None:
@@ -126,9 +131,19 @@ class LegMixin:
         peer, self.partner = self.partner, None
         if peer is not None:
             peer.partner = None
+            self.switchboard.observer.unpaired(self, peer)
             peer._peer_gone()
 
     # -- ILeg -----------------------------------------------------------------
+
+    @property
+    def forwarded_bytes(self) -> int:
+        """Bytes received from this leg's remote end and forwarded to its peer, either way."""
+        relay = self._relay
+        if relay is None:
+            return self.forwarded
+        a_to_b, b_to_a = relay.moved
+        return self.forwarded + (a_to_b if self._relay_first else b_to_a)
 
     @property
     def forwarding(self) -> str:
@@ -140,7 +155,8 @@ class LegMixin:
         assert isinstance(peer, LegMixin)
         assert peer.key is not None
         self.partner = peer
-        answer = encode_reply(RPC_CODE_SUCCESS, peer.key)
+        # A server that asked (tvmrpc.status.peeraddr) also learns the client's address.
+        answer = encode_reply(RPC_CODE_SUCCESS, tell(peer.key, self.key, peer.peer_name))
         self._splicing = self._splice_socket() is not None and peer._splice_socket() is not None
         if self._splicing:
             self._answer = answer  # the relay sends it, before any spliced byte
@@ -201,6 +217,7 @@ class LegMixin:
         for leg in (self, peer):
             handover.take(leg._producer())
             leg._relay = relay
+            leg._relay_first = leg is self
             leg._answer, leg._early = b"", bytearray()
             self.switchboard.early.release(leg)
         relay.start()

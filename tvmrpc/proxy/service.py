@@ -14,6 +14,7 @@ from ..listening import (
     listening_service,
     parse_hostport,
 )
+from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .limits import (
     DEFAULT_EARLY_BYTES,
@@ -33,7 +34,7 @@ DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
 
 
-class Options(ListenOptions):
+class Options(ListenOptions, StatusOptions):
     """Flags of ``twistd tvm-proxy`` (stock's, plus --listen and timeouts)."""
 
     synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT] [--tracker H:P]"
@@ -156,8 +157,14 @@ def makeService(options: Options) -> service.IService:
         device_keys=DeviceKeys(options["max-server-keys"]),
     )
     splice_reactor = None if options["no-splice"] or not splice_supported() else reactor
+    from ..status.proxy import ProxyStatus, status_service
+
+    status = ProxyStatus(reactor, switchboard)
+    switchboard.observer = status
     factory = ProxyFactory(switchboard, options["handshake-timeout"], splice_reactor)
     top = service.MultiService()
+    if options["status"]:
+        status_service(reactor, options["status"], status).setServiceParent(top)
     listener = listening_service(
         reactor, factory, "tvm-proxy", options, DEFAULT_PORT, DEFAULT_PORT_END
     )

@@ -26,12 +26,14 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from ..codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, PeerKey, key_problem
+from ..status.hooks import NULL_PROXY
 from .limits import Admission, DeviceKeys, EarlyBudget
 from .pairing import SERVER, Duplicate, NoMatch, Paired, PairingTable, Waiting
 
@@ -80,6 +82,8 @@ class Switchboard:
         #: Called with the match key of a waiting server that went away (tracker mode).
         self.on_server_gone: Callable[[str], None] | None = None
         self.pairings = 0
+        #: Told of pairings, their end and wait timeouts (tvmrpc.status).
+        self.observer: Any = NULL_PROXY
         #: Bytes held for legs before pairing (bounded per leg and in total).
         self.early = early if early is not None else EarlyBudget()
         #: Device keys of the servers present, bounded (tracker mode only).
@@ -132,6 +136,7 @@ class Switchboard:
                     b=peer.peer_name,
                     matchkey=matchkey,
                 )
+            self.observer.paired(leg, peer)
             leg.pair(peer)
             peer.pair(leg)
             leg.start()
@@ -186,6 +191,7 @@ class Switchboard:
     def _expire(self) -> None:
         for leg in self.table.expire(self.clock.seconds()):
             self._timers.pop(leg, None)
+            self.observer.timed_out(leg)
             log.info("{leg} waited too long for a peer", leg=leg.peer_name)  # type: ignore[attr-defined]
             leg.refuse(RPC_CODE_MISMATCH)  # type: ignore[attr-defined]
 

@@ -153,6 +153,8 @@ class ZygoteRuntime:
         self._next_id = 0
         self._stopping = False
         self.zygote_pid: int | None = None
+        #: Times the zygote died and was restarted (read by tvmrpc.status).
+        self.restarts = 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -279,6 +281,7 @@ class ZygoteRuntime:
             entry.done.callback(-signal.SIGKILL)
         if not self._stopping:
             log.warn("worker zygote gone (exit {code}); restarting", code=code)
+            self.restarts += 1
             self.reactor.callLater(self.restart_delay, self.start)
 
 

@@ -30,6 +30,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ..codec import exception_packet, session_timeout_message
+from ..status.hooks import NULL_SERVER
 from .adapter import IDeviceRuntime
 
 log = Logger(namespace="tvmrpc.server")
@@ -61,6 +62,8 @@ class Board:
         #: Called with the client's label when its session starts.
         self.session_observers: list[Callable[[str], None]] = []
         self.sessions_served = 0
+        #: Told when a session starts, times out and ends (tvmrpc.status).
+        self.observer: Any = NULL_SERVER
         self._waiting_for_worker = False
         self._closed = False
 
@@ -117,6 +120,7 @@ class Board:
             dir=session_dir,
             timeout=ticket.timeout,
         )
+        self.observer.session_started(ticket.label, ticket.timeout, sock)
         d = self.runtime.serve(sock, session_dir)
         self.current = d
         for observer in list(self.session_observers):
@@ -128,6 +132,7 @@ class Board:
         def ended(result: Any) -> None:
             if timer is not None and timer.active():
                 timer.cancel()
+            self.observer.session_ended(result, sock)
             sock.close()
             shutil.rmtree(session_dir, ignore_errors=True)
             self.current = None
@@ -150,6 +155,7 @@ class Board:
         if d is not self.current:
             return
         log.info("session timeout after {timeout}s: aborting the worker", timeout=timeout)
+        self.observer.session_timed_out()
         self.runtime.abort(d)
         packet = exception_packet(session_timeout_message(timeout), self.runtime.str_type_index)
         try:

@@ -4,6 +4,9 @@ Invariants:
 - On every tracker connection: UPDATE_INFO ``{"key": "server:<key>",
   "addr": [custom_addr or null, port]}``, then, while the board is idle, PUT
   ``[key, [port, matchkey], custom_addr]`` under a fresh match key.
+- The UPDATE_INFO carries our ``"tvmrpc"`` field (the last session's outcome
+  and bytes, see tvmrpc.status.extension); when it changed, UPDATE_INFO is
+  sent again just before the next PUT, so the tracker learns how it went.
 - Only the current match key is accepted (:meth:`claim`); claiming it
   consumes it, so nothing is registered while a session runs or waits. When
   the board is idle again a fresh key is PUT.
@@ -65,6 +68,9 @@ class Registrar(service.Service):
         self._missing_since: float | None = None
         self._checking = False
         self._client: ClientService | None = None
+        #: The ``"tvmrpc"`` UPDATE_INFO field (tvmrpc.status); re-sent before a PUT when it changed.
+        self.extension: Callable[[], dict[str, Any] | None] = lambda: None
+        self._sent_extension: dict[str, Any] | None = None
         self._loop = LoopingCall(self._check)
         self._loop.clock = reactor
         #: Called with True each time the tracker acknowledged a PUT (registered and free),
@@ -109,7 +115,11 @@ class Registrar(service.Service):
         return d.addCallback(lambda _: self._linked(link))
 
     def _info(self) -> dict[str, Any]:
-        return {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
+        info: dict[str, Any] = {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
+        self._sent_extension = self.extension()
+        if self._sent_extension is not None:
+            info["tvmrpc"] = self._sent_extension
+        return info
 
     def _linked(self, link: TrackerClientProtocol) -> None:
         self.link = link
@@ -158,6 +168,8 @@ class Registrar(service.Service):
         self.matchkey = random_matchkey(self.key, self.old_keys)
         self._put_on = link
         self._missing_since = None
+        if self.extension() != self._sent_extension:
+            link.update_info(self._info()).addErrback(self._call_failed, link, "UPDATE_INFO")
         d = link.put(self.key, self.port, self.matchkey, self.custom_addr)
         d.addCallback(lambda _: self._put_done(link))
         d.addErrback(self._call_failed, link, "PUT")

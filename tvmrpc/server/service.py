@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from ..exiting import stop_with_exit_code
 from ..listening import ListenOptions, listening_service, parse_hostport
+from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .adapter import WorkerConfig, ZygoteRuntime
 from .board import Board
@@ -33,7 +34,7 @@ DEFAULT_PORT_END = 9199
 EXIT_DUPLICATE_KEY = 2
 
 
-class Options(ListenOptions):
+class Options(ListenOptions, StatusOptions):
     """Flags of ``twistd tvm-server`` (stock's, plus --listen, --init and more)."""
 
     synopsis = (
@@ -118,6 +119,12 @@ def makeService(options: Options) -> service.IService:
     board = Board(reactor, runtime, workdir=options["workdir"])
     top = ServerService(board, runtime, options["grace"])
     key = options["key"]
+    from ..status.server import ServerStatus, status_service
+
+    status = ServerStatus(reactor, key, runtime, board)
+    board.observer = status
+    if options["status"]:
+        status_service(reactor, options["status"], status).setServiceParent(top)
     # systemd: READY=1 once registered (tracker), waiting (proxy) or listening, and warm.
     notify.setServiceParent(top)
     board.session_observers.append(lambda peer: notify.status(f"session running for {peer}"))
@@ -145,6 +152,7 @@ def makeService(options: Options) -> service.IService:
         registrar = Registrar(
             reactor, board, key, options["tracker"], port_d, custom_addr=options["custom-addr"]
         )
+        registrar.extension = status.extension
         matcher = registrar.claim
     else:
 

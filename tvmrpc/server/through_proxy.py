@@ -2,7 +2,8 @@
 
 Invariants:
 - At most one outbound connection exists, and only while the board is idle
-  and a worker is warm; it sends ``server:<key>`` in one write.
+  and a worker is warm; it sends ``server:<key> -tvmrpc-peer`` in one write
+  (the option asks our proxy for the client's address; stock proxies pass it on).
 - A success answer carries the client's key (with its ``-timeout``); that
   connection becomes the board's session. The next connection is made when
   the board is idle again.
@@ -33,6 +34,7 @@ from ..codec import (
     encode_handshake,
     parse_key,
 )
+from ..status.peeraddr import ASK, told
 from .board import Board
 from .handshake import detach
 
@@ -75,7 +77,7 @@ class _ProxyLeg(protocol.Protocol):
         sockopts.set_keepalive(self.transport)
         peer = self.transport.getPeer()
         self.label = f"proxy {getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.transport.write(encode_handshake(f"server:{self.key}"))
+        self.transport.write(encode_handshake(f"server:{self.key} {ASK}"))
 
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
@@ -105,7 +107,7 @@ class _ProxyLeg(protocol.Protocol):
                 self.timeout = parse_key(peer_key).timeout
             except CodecError:
                 self.timeout = None
-            self.label = f"{peer_key.split(' ', 1)[0]} via {self.label}"
+            self.label = f"{told(peer_key) or peer_key.split(' ', 1)[0]} via {self.label}"
             self.transport.pauseProducing()
             self.answered.callback(self)
 

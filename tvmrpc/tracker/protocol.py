@@ -50,6 +50,7 @@ from ..codec import (
     encode_int32,
 )
 from ..ratelimit import RateLimit
+from ..status.hooks import NULL_TRACKER
 from .boards import BoardState
 from .commands import (
     CommandError,
@@ -123,6 +124,7 @@ class TrackerProtocol(Protocol):
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
         factory.connections[self] = None
+        factory.observer.connected(self)
         self.transport.registerProducer(self, True)
         self._handshake_timer = factory.clock.callLater(
             factory.handshake_timeout, self._handshake_timed_out
@@ -150,6 +152,7 @@ class TrackerProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._shut()
         self.factory.forget(self)
+        self.factory.observer.disconnected(self)
         if self.info.get("key", "").startswith("server"):
             log.info(
                 "{key} at {host} disconnected",
@@ -239,9 +242,10 @@ class TrackerProtocol(Protocol):
                     key=command.key,
                     priority=command.priority,
                 )
-            _, assignments = factory.scheduler.request(
+            request, assignments = factory.scheduler.request(
                 command.key, command.user, command.priority, self, host=self.peer_host
             )
+            factory.observer.requested(request)
             factory.deliver(assignments)
         elif isinstance(command, Put):
             addr = command.custom_addr if command.custom_addr is not None else self.peer_host
@@ -258,6 +262,7 @@ class TrackerProtocol(Protocol):
             assignments = factory.scheduler.put(
                 command.key, addr, command.port, command.matchkey, self
             )
+            factory.observer.put(self, command.key, command.matchkey, addr, command.port)
             self.reply(TrackerCode.SUCCESS)
             factory.deliver(assignments)
         elif isinstance(command, Ping):
@@ -276,6 +281,7 @@ class TrackerProtocol(Protocol):
                 info["addr"] = [self.peer_host, addr[1]]
             self.info.update(info)
             factory.info_changed()
+            factory.observer.info_updated(self, info)
             if str(info.get("key", "")).startswith("server"):
                 log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
             self.reply(TrackerCode.SUCCESS)
@@ -329,6 +335,7 @@ class TrackerProtocol(Protocol):
         log.warn(
             "closing tracker connection from {host}: {reason}", host=self.peer_host, reason=reason
         )
+        self.factory.observer.bad_frame(self, reason)
         self._close()
 
     def _close(self) -> None:
@@ -370,7 +377,10 @@ class TrackerFactory(Factory):
         clock: IReactorTime | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         frames_per_turn: int = FRAMES_PER_TURN,
+        observer: Any = NULL_TRACKER,
     ) -> None:
+        #: Told of connections, requests, PUTs, assignments and registrations (tvmrpc.status).
+        self.observer = observer
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
@@ -448,6 +458,7 @@ class TrackerFactory(Factory):
             conn = assignment.request.owner
             resource = assignment.resource
             self.holds.start(resource.owner, resource.key, resource.board, now)
+            self.observer.assigned(assignment)
             if self.verbose:
                 log.info(
                     "assigned {matchkey} to {host}",

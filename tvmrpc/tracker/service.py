@@ -7,6 +7,7 @@ from twisted.python import usage
 
 from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
+from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .boards import BoardRules
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, TrackerFactory
@@ -16,7 +17,7 @@ DEFAULT_PORT = 9190
 DEFAULT_PORT_END = 9199
 
 
-class Options(ListenOptions):
+class Options(ListenOptions, StatusOptions):
     """Flags of ``twistd tvm-tracker`` (stock's --host/--port/--port-end, and more)."""
 
     synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT]"
@@ -38,6 +39,13 @@ class Options(ListenOptions):
     optParameters = [
         ["stop-key", None, None, "Accept STOP requests carrying this key (default: refuse all)."],
         ["max-frame-bytes", None, MAX_FRAME_BYTES, "Largest request frame accepted.", int],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "Serve the admin API (drain/resume) at /api/v1/admin/ on the --status endpoint "
+            "to requests bearing the token in this file (default: no admin API).",
+        ],
         [
             "quarantine-after",
             None,
@@ -61,6 +69,19 @@ class Options(ListenOptions):
             raise usage.UsageError("--quarantine-after must be at least 1")
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
+        self["admin-token"] = None
+        if self["admin-token-file"]:
+            if not self["status"]:
+                raise usage.UsageError(
+                    "--admin-token-file needs --status: the admin API is served on the "
+                    "status endpoint"
+                )
+            from .admin import AdminTokenError, read_token
+
+            try:
+                self["admin-token"] = read_token(self["admin-token-file"])
+            except AdminTokenError as exc:
+                raise usage.UsageError(str(exc)) from None
 
 
 def makeService(options: Options) -> service.IService:
@@ -71,15 +92,20 @@ def makeService(options: Options) -> service.IService:
         if reactor.running:
             reactor.stop()
 
+    from ..status.tracker import TrackerStatus
+
+    scheduler = Scheduler(
+        fair_share=options["fair-share"],
+        rules=BoardRules(quarantine_after=options["quarantine-after"]),
+    )
+    status = TrackerStatus(reactor, scheduler)
     factory = TrackerFactory(
         stop_key=options["stop-key"],
         on_stop=stop,
         max_frame_bytes=options["max-frame-bytes"],
         verbose=options["verbose"],
-        scheduler=Scheduler(
-            fair_share=options["fair-share"],
-            rules=BoardRules(quarantine_after=options["quarantine-after"]),
-        ),
+        scheduler=scheduler,
+        observer=status,
         clock=reactor,
         handshake_timeout=options["handshake-timeout"],
     )
@@ -91,4 +117,17 @@ def makeService(options: Options) -> service.IService:
     notify = NotifyService.from_environment(reactor)  # systemd: READY=1 once listening
     notify.setServiceParent(top)
     listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
+    if options["status"]:
+        from ..status.tracker import status_service
+
+        admin = None
+        if options["admin-token"]:
+            from .admin import AdminResource
+
+            admin = AdminResource(
+                scheduler.rules,
+                options["admin-token"],
+                lambda: factory.deliver(scheduler.rematch()),
+            )
+        status_service(reactor, options["status"], status, admin).setServiceParent(top)
     return top
