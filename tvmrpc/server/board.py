@@ -120,7 +120,8 @@ class Board:
             dir=session_dir,
             timeout=ticket.timeout,
         )
-        self.observer.session_started(ticket.label, ticket.timeout, sock)
+        client = getattr(ticket, "client", ticket.label)  # a proxied ticket knows its client
+        self.observer.session_started(client, ticket.timeout, sock)
         d = self.runtime.serve(sock, session_dir)
         self.current = d
         for observer in list(self.session_observers):

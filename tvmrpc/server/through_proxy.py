@@ -107,7 +107,10 @@ class _ProxyLeg(protocol.Protocol):
                 self.timeout = parse_key(peer_key).timeout
             except CodecError:
                 self.timeout = None
-            self.label = f"{told(peer_key) or peer_key.split(' ', 1)[0]} via {self.label}"
+            via = self.label
+            self.label = f"{peer_key.split(' ', 1)[0]} via {via}"
+            # The client's real address, when our proxy told it (tvmrpc.status.peeraddr).
+            self.client = f"{told(peer_key)} via {via}" if told(peer_key) else self.label
             self.transport.pauseProducing()
             self.answered.callback(self)
 
