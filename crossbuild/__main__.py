@@ -7,6 +7,9 @@
 
   --wheel-dir DIR (runtime, bundle): wheels there are used, downloads are kept there.
 
+The bundle is reproducible: the same inputs give the same bytes; its members'
+time is SOURCE_DATE_EPOCH when set, else 1980-01-01.
+
 Errors are one line on stderr and exit status 1; usage errors exit 2.
 """
 
@@ -21,13 +24,19 @@ from importlib import metadata
 from pathlib import Path
 
 from crossbuild import config as cfg
-from crossbuild.bundle import BundleSpec, bundle_name, make_bundle
 from crossbuild.elf import machine_label
 from crossbuild.errors import CrossbuildError
-from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
 from crossbuild.targets import TARGETS, Target, get_target
 from crossbuild.toolchain import make_toolchain, render_toolchain
-from crossbuild.wheels import DEFAULT_GLIBC, parse_version, platform_tags
+
+try:  # packaging is a host-side extra (the board never runs crossbuild): say so in one line
+    from crossbuild.bundle import BundleSpec, bundle_mtime, bundle_name, make_bundle
+    from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
+    from crossbuild.wheels import DEFAULT_GLIBC, parse_version, platform_tags
+except ModuleNotFoundError as missing:
+    if missing.name != "packaging":
+        raise
+    sys.exit("tvmrpc-crossbuild: error: packaging is needed: pip install 'tvmrpc[crossbuild]'")
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -220,6 +229,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     python = parse_version(args.python, "--python")
     platforms = _platforms(args, target)
     bundle_name(args.output)  # a bad -o fails before any download
+    mtime = bundle_mtime(os.environ)  # and so does a bad SOURCE_DATE_EPOCH
     with tempfile.TemporaryDirectory(prefix="tvm-runtime-") as tmp:
         requirement = None
         if args.from_wheel:
@@ -251,6 +261,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             tvmrpc_wheel=args.tvmrpc_wheel,
             pip_args=_pip_args(args),
             wheel_dir=args.wheel_dir,
+            mtime=mtime,
         )
         manifest = make_bundle(spec)
     for wheel in manifest["wheels"]:
