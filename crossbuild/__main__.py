@@ -34,7 +34,7 @@ try:  # packaging is a host-side extra (the board never runs crossbuild): say so
     from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
     from crossbuild.wheels import DEFAULT_GLIBC, parse_version, platform_tags
 except ModuleNotFoundError as missing:
-    if missing.name != "packaging":
+    if (missing.name or "").partition(".")[0] != "packaging":
         raise
     sys.exit("tvmrpc-crossbuild: error: packaging is needed: pip install 'tvmrpc[crossbuild]'")
 
