@@ -1,11 +1,12 @@
 """``bundle``: an aarch64 archive from wheels, and a host archive that really serves.
 
-The aarch64 bundle is checked with tools independent of crossbuild's own tag
-logic (``packaging.tags``) and pyelftools. The host bundle is unpacked into
+The aarch64 bundle is checked with ``packaging.tags`` and pyelftools called
+directly, not through crossbuild's helpers. The host bundle is unpacked into
 an empty directory, installed by its ``install.sh`` with no index and a clean
 environment (nothing from this checkout or its venv on the path), started
 from its launcher against our tracker, and a stock client runs the shared
-reference MLP through it.
+reference MLP through it. Two host bundles from the same inputs are the
+same bytes.
 """
 
 from __future__ import annotations
