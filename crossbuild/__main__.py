@@ -32,7 +32,7 @@ from crossbuild.toolchain import make_toolchain, render_toolchain
 try:  # packaging is a host-side extra (the board never runs crossbuild): say so in one line
     from crossbuild.bundle import BundleSpec, bundle_mtime, bundle_name, make_bundle
     from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
-    from crossbuild.wheels import DEFAULT_GLIBC, parse_version, platform_tags
+    from crossbuild.wheels import DEFAULT_GLIBC, allows, parse_version, platform_tags
 except ModuleNotFoundError as missing:
     if (missing.name or "").partition(".")[0] != "packaging":
         raise
@@ -221,7 +221,14 @@ def _tvm_ffi_requirement(explicit: str | None, wheel: str | None, host: str | No
             raise CrossbuildError("pass --tvm-ffi-version (apache-tvm-ffi is not installed here)")
         return wheel
     pin = f"=={host}"
-    return f"{wheel},{pin}" if wheel and wheel != "apache-tvm-ffi" else f"apache-tvm-ffi{pin}"
+    if not wheel or wheel == "apache-tvm-ffi":
+        return f"apache-tvm-ffi{pin}"
+    if not allows(wheel, host):  # the pin would ask pip for a version that cannot exist
+        raise CrossbuildError(
+            f"apache-tvm needs {wheel} but this host has apache-tvm-ffi {host}: "
+            "pass --tvm-ffi-version"
+        )
+    return f"{wheel},{pin}"
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:

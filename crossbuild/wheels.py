@@ -112,6 +112,11 @@ def requirement_of(metadata: str, project: str) -> str | None:
     return None
 
 
+def allows(requirement: str, version: str) -> bool:
+    """Whether ``requirement`` (``name>=1,<2``) accepts ``version``, pre-releases included."""
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
 def newest(wheels: Iterable[Path]) -> Path | None:
     """The wheel with the highest version (PEP 440 order, not the file names' order)."""
     return max(wheels, key=lambda w: parse_wheel_name(w.name).version, default=None)

@@ -100,6 +100,16 @@ def test_tvm_ffi_requirement_choice():
     assert choose(None, "apache-tvm-ffi>=0.1.14", "0.1.15") == "apache-tvm-ffi>=0.1.14,==0.1.15"
     assert choose(None, None, "0.1.15") == "apache-tvm-ffi==0.1.15"
     assert choose(None, "apache-tvm-ffi>=0.1.14", None) == "apache-tvm-ffi>=0.1.14"
+    assert choose(None, "apache-tvm-ffi>=0.1.14", "0.1.15.post2") == (
+        "apache-tvm-ffi>=0.1.14,==0.1.15.post2"
+    )
+    assert choose(None, "apache-tvm-ffi", "0.1.15") == "apache-tvm-ffi==0.1.15"
+    with pytest.raises(
+        CrossbuildError,
+        match=r"^apache-tvm needs apache-tvm-ffi>=0\.1\.14 but this host has apache-tvm-ffi "
+        r"0\.1\.9: pass --tvm-ffi-version$",
+    ):
+        choose(None, "apache-tvm-ffi>=0.1.14", "0.1.9")
     with pytest.raises(CrossbuildError, match="pass --tvm-ffi-version"):
         choose(None, None, None)
 
