@@ -1,6 +1,7 @@
 """tvmrpc: a Twisted implementation of Apache TVM's RPC tracker, proxy and server."""
 
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 from setuptools.command.egg_info import egg_info
@@ -23,11 +24,13 @@ setup(
     name="tvmrpc",
     version="0.1.0",
     description="Twisted implementation of Apache TVM's RPC tracker, proxy and server",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["tvmrpc", "tvmrpc.*", "crossbuild", "crossbuild.*"])
-    + ["twisted.plugins"],
+    packages=[
+        *find_packages(include=["tvmrpc", "tvmrpc.*", "crossbuild", "crossbuild.*"]),
+        "twisted.plugins",
+    ],
     package_data={
         "twisted": ["plugins/tvmrpc_plugins.py"],
         "crossbuild": ["toolchains/*.cmake", "templates/*"],
@@ -42,7 +45,9 @@ setup(
     extras_require={
         "tvm": ["apache-tvm", "numpy"],
         "websocket": ["autobahn>=23.1"],
-        "crossbuild": ["pyelftools"],
+        # Host-side only (the board never runs crossbuild, so these stay out of
+        # install_requires and out of the board's bundle).
+        "crossbuild": ["pyelftools", "packaging>=22"],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
@@ -55,8 +60,10 @@ setup(
             "autobahn>=23.1",
             "psutil",
             "pyelftools",
+            "packaging>=22",
             "cmake>=3.26",
             "selenium>=4.11",
+            "build",
         ],
         "dev": ["ruff>=0.5"],
     },

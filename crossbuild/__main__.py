@@ -7,6 +7,9 @@
 
   --wheel-dir DIR (runtime, bundle): wheels there are used, downloads are kept there.
 
+The bundle is reproducible: the same inputs give the same bytes; its members'
+time is SOURCE_DATE_EPOCH when set, else 1980-01-01.
+
 Errors are one line on stderr and exit status 1; usage errors exit 2.
 """
 
@@ -21,13 +24,19 @@ from importlib import metadata
 from pathlib import Path
 
 from crossbuild import config as cfg
-from crossbuild.bundle import BundleSpec, bundle_name, make_bundle
 from crossbuild.elf import machine_label
 from crossbuild.errors import CrossbuildError
-from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
 from crossbuild.targets import TARGETS, Target, get_target
 from crossbuild.toolchain import make_toolchain, render_toolchain
-from crossbuild.wheels import DEFAULT_GLIBC, parse_version, platform_tags
+
+try:  # packaging is a host-side extra (the board never runs crossbuild): say so in one line
+    from crossbuild.bundle import BundleSpec, bundle_mtime, bundle_name, make_bundle
+    from crossbuild.runtime import RuntimeResult, build_from_source, runtime_from_wheel
+    from crossbuild.wheels import DEFAULT_GLIBC, allows, parse_version, platform_tags
+except ModuleNotFoundError as missing:
+    if (missing.name or "").partition(".")[0] != "packaging":
+        raise
+    sys.exit("tvmrpc-crossbuild: error: packaging is needed: pip install 'tvmrpc[crossbuild]'")
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -212,7 +221,14 @@ def _tvm_ffi_requirement(explicit: str | None, wheel: str | None, host: str | No
             raise CrossbuildError("pass --tvm-ffi-version (apache-tvm-ffi is not installed here)")
         return wheel
     pin = f"=={host}"
-    return f"{wheel},{pin}" if wheel and wheel != "apache-tvm-ffi" else f"apache-tvm-ffi{pin}"
+    if not wheel or wheel == "apache-tvm-ffi":
+        return f"apache-tvm-ffi{pin}"
+    if not allows(wheel, host):  # the pin would ask pip for a version that cannot exist
+        raise CrossbuildError(
+            f"apache-tvm needs {wheel} but this host has apache-tvm-ffi {host}: "
+            "pass --tvm-ffi-version"
+        )
+    return f"{wheel},{pin}"
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -220,6 +236,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     python = parse_version(args.python, "--python")
     platforms = _platforms(args, target)
     bundle_name(args.output)  # a bad -o fails before any download
+    mtime = bundle_mtime(os.environ)  # and so does a bad SOURCE_DATE_EPOCH
     with tempfile.TemporaryDirectory(prefix="tvm-runtime-") as tmp:
         requirement = None
         if args.from_wheel:
@@ -251,6 +268,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             tvmrpc_wheel=args.tvmrpc_wheel,
             pip_args=_pip_args(args),
             wheel_dir=args.wheel_dir,
+            mtime=mtime,
         )
         manifest = make_bundle(spec)
     for wheel in manifest["wheels"]:

@@ -12,23 +12,30 @@ Layout inside ``<name>.tar.gz`` (top directory ``<name>/``)::
 Invariants checked before anything is written: every wheel's tags fit the
 board, no wheel is numpy, cloudpickle, tornado or apache-tvm, and every ELF
 file (runtime libraries and the ones inside wheels) is for the target machine.
+
+Invariant of the archive: it is reproducible. The same inputs give the same
+bytes: members sorted by name, every member a regular file with mode 0644 or
+0755, owner 0:0 ``root``, and one mtime (``SOURCE_DATE_EPOCH`` when set, else
+1980-01-01); the gzip header carries no file name and no time; the tvmrpc
+wheel built from a checkout is built with the same ``SOURCE_DATE_EPOCH``.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
-import shutil
+import os
 import tarfile
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from crossbuild.elf import elf_info, elf_members, is_elf, machine_label
+from crossbuild.elf import elf_members, is_elf, machine_label, require_machine
 from crossbuild.errors import CrossbuildError
+from crossbuild.runtime import Artifact, check_machine
 from crossbuild.targets import Target
 from crossbuild.wheels import (
     build_tvmrpc_wheel,
@@ -39,6 +46,10 @@ from crossbuild.wheels import (
 
 REQUIREMENTS = ("tvmrpc", "apache-tvm-ffi")
 EXECUTABLE = 0o755
+READABLE = 0o644
+# The mtime of every member when SOURCE_DATE_EPOCH is not set: 1980-01-01 00:00 UTC,
+# the earliest time a zip file (a wheel) can hold, so the tvmrpc wheel gets it too.
+FIXED_MTIME = 315532800
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,19 @@ class BundleSpec:
     tvmrpc_wheel: Path | None = None  # or a ready wheel
     pip_args: tuple[str, ...] = ()
     wheel_dir: Path | None = None  # local wheels tried first, downloads kept there
+    mtime: int = FIXED_MTIME  # of every member (see bundle_mtime)
+
+
+def bundle_mtime(environ: Mapping[str, str]) -> int:
+    """``SOURCE_DATE_EPOCH`` from ``environ`` when set, else ``FIXED_MTIME`` (pure)."""
+    text = environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not text:
+        return FIXED_MTIME
+    if not text.isdigit():
+        raise CrossbuildError(
+            f"SOURCE_DATE_EPOCH wants whole seconds since 1970 such as 1700000000, got {text!r}"
+        )
+    return int(text)
 
 
 def bundle_name(output: Path) -> str:
@@ -83,7 +107,7 @@ def systemd_file(name: str) -> str:
     return folder.joinpath(name).read_text(encoding="utf-8")
 
 
-def runtime_libraries(runtime_dir: Path, target: Target) -> list[Path]:
+def runtime_libraries(runtime_dir: Path, target: Target) -> list[Artifact]:
     """The ``libtvm_runtime*.so`` in ``runtime_dir`` (or its ``lib/``, where current TVM
     build directories keep them), each checked to be for ``target``."""
     if not runtime_dir.is_dir():
@@ -95,14 +119,7 @@ def runtime_libraries(runtime_dir: Path, target: Target) -> list[Path]:
             break
     if not libs:
         raise CrossbuildError(f"{runtime_dir} has no libtvm_runtime*.so; run the runtime command")
-    for lib in libs:
-        machine = elf_info(lib).machine
-        if machine != target.elf_machine:
-            raise CrossbuildError(
-                f"{lib} is for {machine_label(machine)}, the target is "
-                f"{machine_label(target.elf_machine)}"
-            )
-    return libs
+    return check_machine(libs, target)
 
 
 def check_wheelhouse(wheels: Sequence[Path], spec: BundleSpec) -> dict[str, list[str]]:
@@ -117,31 +134,43 @@ def check_wheelhouse(wheels: Sequence[Path], spec: BundleSpec) -> dict[str, list
     elf: dict[str, list[str]] = {}
     for wheel in wheels:
         for member, info in elf_members(wheel):
-            if info.machine != spec.target.elf_machine:
-                raise CrossbuildError(
-                    f"{wheel.name}:{member} is for {machine_label(info.machine)}, not "
-                    f"{machine_label(spec.target.elf_machine)}"
-                )
+            require_machine(f"{wheel.name}:{member}", info, spec.target.elf_machine)
             elf.setdefault(wheel.name, []).append(member)
     return elf
 
 
-def _add_file(tar: tarfile.TarFile, path: Path, arcname: str, mode: int) -> None:
-    info = tar.gettarinfo(str(path), arcname)
-    info.mode = mode
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    with open(path, "rb") as stream:
-        tar.addfile(info, stream)
+@dataclass(frozen=True)
+class Member:
+    """One file of the archive: its bytes come from ``path`` or ``data``."""
+
+    arcname: str
+    mode: int
+    path: Path | None = None
+    data: bytes = b""
 
 
-def _add_text(tar: tarfile.TarFile, text: str, arcname: str, mode: int) -> None:
-    data = text.encode("utf-8")
-    info = tarfile.TarInfo(arcname)
-    info.size = len(data)
-    info.mode = mode
-    info.mtime = int(time.time())
-    tar.addfile(info, io.BytesIO(data))
+def write_archive(members: Sequence[Member], output: Path, mtime: int) -> None:
+    """Write ``members`` as a reproducible ``.tar.gz`` (see the module's invariants)."""
+    # filename="" and mtime=0: the gzip header holds neither a name nor a time.
+    with (
+        open(output, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for member in sorted(members, key=lambda m: m.arcname):
+            info = tarfile.TarInfo(member.arcname)
+            info.type = tarfile.REGTYPE
+            info.mode = member.mode
+            info.mtime = mtime
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if member.path is None:
+                info.size = len(member.data)
+                tar.addfile(info, io.BytesIO(member.data))
+                continue
+            with open(member.path, "rb") as stream:
+                info.size = os.fstat(stream.fileno()).st_size
+                tar.addfile(info, stream)
 
 
 def make_bundle(spec: BundleSpec) -> dict:
@@ -153,7 +182,7 @@ def make_bundle(spec: BundleSpec) -> dict:
         if spec.tvmrpc_wheel is not None:
             tvmrpc_wheel = spec.tvmrpc_wheel
         elif spec.tvmrpc_source is not None:
-            tvmrpc_wheel = build_tvmrpc_wheel(spec.tvmrpc_source, work / "built")
+            tvmrpc_wheel = build_tvmrpc_wheel(spec.tvmrpc_source, work / "built", spec.mtime)
         else:
             raise CrossbuildError("no tvmrpc to bundle: pass --tvmrpc-source or --tvmrpc-wheel")
         wheels = pip_download(
@@ -177,34 +206,23 @@ def make_bundle(spec: BundleSpec) -> dict:
             "platforms": list(spec.platforms),
             "wheels": sorted(w.name for w in wheels),
             "wheel_elf_files": elf,
-            "runtime": {lib.name: machine_label(elf_info(lib).machine) for lib in libs},
+            "runtime": {lib.path.name: machine_label(lib.machine) for lib in libs},
         }
+
+        def text(body: str, arcname: str, mode: int = READABLE) -> Member:
+            return Member(f"{name}/{arcname}", mode, data=body.encode("utf-8"))
+
+        members = [
+            text(render_template(_template("install.sh"), values), "install.sh", EXECUTABLE),
+            text(render_template(_template("tvm-server"), values), "bin/tvm-server", EXECUTABLE),
+            text(systemd_file("tvm-server@.service"), "systemd/tvm-server@.service.in"),
+            text(systemd_file("tvm-server.env"), "systemd/tvm-server.env"),
+            text(json.dumps(manifest, indent=2) + "\n", "manifest.json"),
+            *(Member(f"{name}/lib/{lib.path.name}", EXECUTABLE, lib.path) for lib in libs),
+            *(Member(f"{name}/wheels/{wheel.name}", READABLE, wheel) for wheel in wheels),
+        ]
         spec.output.parent.mkdir(parents=True, exist_ok=True)
         partial = spec.output.with_name(spec.output.name + ".part")
-        with tarfile.open(partial, "w:gz") as tar:
-            _add_text(
-                tar,
-                render_template(_template("install.sh"), values),
-                f"{name}/install.sh",
-                EXECUTABLE,
-            )
-            _add_text(
-                tar,
-                render_template(_template("tvm-server"), values),
-                f"{name}/bin/tvm-server",
-                EXECUTABLE,
-            )
-            _add_text(
-                tar,
-                systemd_file("tvm-server@.service"),
-                f"{name}/systemd/tvm-server@.service.in",
-                0o644,
-            )
-            _add_text(tar, systemd_file("tvm-server.env"), f"{name}/systemd/tvm-server.env", 0o644)
-            _add_text(tar, json.dumps(manifest, indent=2) + "\n", f"{name}/manifest.json", 0o644)
-            for lib in libs:
-                _add_file(tar, lib, f"{name}/lib/{lib.name}", EXECUTABLE)
-            for wheel in wheels:
-                _add_file(tar, wheel, f"{name}/wheels/{wheel.name}", 0o644)
-        shutil.move(partial, spec.output)
+        write_archive(members, partial, spec.mtime)
+        partial.replace(spec.output)
     return manifest

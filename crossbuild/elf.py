@@ -1,6 +1,10 @@
 """What an ELF file was built for and what it needs, read with pyelftools.
 
 Only headers and the dynamic section are read; nothing is loaded or run.
+
+Invariant: ``require_machine`` is the one check that an ELF file is for the
+board's machine; the runtime libraries, the bundle and the wheels in it all
+go through it, so they fail with the same one-line message.
 """
 
 from __future__ import annotations
@@ -102,3 +106,16 @@ def machine_label(machine: str) -> str:
         "EM_386": "x86",
     }
     return labels.get(machine, machine)
+
+
+def require_machine(what: str, info: ElfInfo, machine: str, hint: str = "") -> ElfInfo:
+    """``info`` when it is for ``machine`` (an ``e_machine`` name such as ``EM_AARCH64``).
+
+    Otherwise a one-line CrossbuildError naming ``what`` (a path, or
+    ``wheel:member``) and both machines, with ``hint`` (what to do) appended.
+    """
+    if info.machine != machine:
+        message = f"{what} is for {machine_label(info.machine)}, the target is "
+        message += machine_label(machine)
+        raise CrossbuildError(f"{message}: {hint}" if hint else message)
+    return info

@@ -22,11 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crossbuild import config as cfg
-from crossbuild.elf import elf_info, foreign_needs, is_elf, machine_label
+from crossbuild.elf import elf_info, foreign_needs, is_elf, require_machine
 from crossbuild.errors import CrossbuildError
 from crossbuild.targets import Target
 from crossbuild.toolchain import Toolchain, check_compilers, render_toolchain
-from crossbuild.wheels import parse_wheel_name, pip_download, requirement_of, wheel_metadata
+from crossbuild.wheels import (
+    newest,
+    parse_wheel_name,
+    pip_download,
+    requirement_of,
+    wheel_metadata,
+)
 
 RUNTIME_PREFIX = "libtvm_runtime"
 
@@ -72,18 +78,12 @@ def check_tvm_tree(source: Path) -> Path:
     return config
 
 
-def check_machine(paths: Sequence[Path], target: Target) -> list[Artifact]:
+def check_machine(paths: Sequence[Path], target: Target, hint: str = "") -> list[Artifact]:
     """Artifacts for ``paths``; a one-line error when one is not built for ``target``."""
-    artifacts = []
-    for path in paths:
-        machine = elf_info(path).machine
-        if machine != target.elf_machine:
-            raise CrossbuildError(
-                f"{path} is built for {machine_label(machine)}, not "
-                f"{machine_label(target.elf_machine)}: was the toolchain file used?"
-            )
-        artifacts.append(Artifact(path, machine))
-    return artifacts
+    return [
+        Artifact(path, require_machine(str(path), elf_info(path), target.elf_machine, hint).machine)
+        for path in paths
+    ]
 
 
 def _run_logged(argv: Sequence[str], log: Path, step: str) -> None:
@@ -130,7 +130,9 @@ def build_from_source(
     )
     if not libraries:
         raise CrossbuildError(f"the build made no {RUNTIME_PREFIX}*.so; log: {log}")
-    return RuntimeResult(check_machine(libraries, toolchain.target), changes)
+    return RuntimeResult(
+        check_machine(libraries, toolchain.target, "was the toolchain file used?"), changes
+    )
 
 
 def extract_runtime(wheel: Path, out_dir: Path, target: Target) -> RuntimeResult:
@@ -188,7 +190,7 @@ def runtime_from_wheel(
             pip_args,
             wheel_dir,
         )
-        wheels = [p for p in got if parse_wheel_name(p.name).name == "apache-tvm"]
-        if not wheels:
+        wheel = newest(p for p in got if parse_wheel_name(p.name).name == "apache-tvm")
+        if wheel is None:
             raise CrossbuildError(f"pip downloaded no apache-tvm wheel for {platforms[0]}")
-        return extract_runtime(wheels[0], out_dir, target)
+        return extract_runtime(wheel, out_dir, target)

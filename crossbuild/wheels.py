@@ -1,7 +1,12 @@
 """Wheels for the board: which platform tags fit it, and fetching them with pip.
 
-The tag logic is pure (checked with plain calls); the rest runs pip as a
-subprocess, the ordinary client of the package index.
+The tag logic is pure (checked with plain calls) and delegates wheel file
+names, tags, requirements and versions to ``packaging`` (the library pip
+itself uses), so crossbuild agrees with pip about what installs where. The
+rest runs pip as a subprocess, the ordinary client of the package index.
+
+``packaging`` is a host-side dependency (the ``crossbuild`` extra): nothing
+on the board imports this module.
 
 Invariant of a wheelhouse built here: every wheel's tag set intersects
 ``supported_tags(...)`` for the board's Python and platform.
@@ -9,6 +14,7 @@ Invariant of a wheelhouse built here: every wheel's tag set intersects
 
 from __future__ import annotations
 
+import email.parser
 import os
 import re
 import shutil
@@ -19,6 +25,16 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag, compatible_tags, cpython_tags
+from packaging.utils import (
+    InvalidWheelFilename,
+    NormalizedName,
+    canonicalize_name,
+    parse_wheel_filename,
+)
+from packaging.version import Version
 
 from crossbuild.errors import CrossbuildError
 from crossbuild.targets import Target
@@ -32,25 +48,18 @@ FORBIDDEN = frozenset({"numpy", "cloudpickle", "tornado", "apache-tvm"})
 class WheelName:
     """A parsed wheel file name (PEP 427), tags expanded."""
 
-    name: str  # normalized project name, e.g. "apache-tvm-ffi"
-    version: str
-    tags: frozenset[tuple[str, str, str]]  # (python, abi, platform)
-
-
-def normalize(name: str) -> str:
-    """PEP 503 normalization: ``Apache_TVM.FFI`` -> ``apache-tvm-ffi``."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+    name: NormalizedName  # e.g. "apache-tvm-ffi"
+    version: Version
+    tags: frozenset[Tag]
 
 
 def parse_wheel_name(filename: str) -> WheelName:
     """Parse ``name-version(-build)?-py-abi-plat.whl``; compressed tag sets are expanded."""
-    stem = filename.removesuffix(".whl")
-    parts = stem.split("-")
-    if not filename.endswith(".whl") or len(parts) not in (5, 6):
-        raise CrossbuildError(f"not a wheel file name: {filename}")
-    pythons, abis, platforms = (p.split(".") for p in parts[-3:])
-    tags = frozenset((p, a, pl) for p in pythons for a in abis for pl in platforms)
-    return WheelName(normalize(parts[0]), parts[1], tags)
+    try:
+        name, version, _build, tags = parse_wheel_filename(filename)
+    except InvalidWheelFilename as error:
+        raise CrossbuildError(f"not a wheel file name: {filename} ({error})") from None
+    return WheelName(name, version, tags)
 
 
 def platform_tags(target: Target, glibc: tuple[int, int] = DEFAULT_GLIBC) -> list[str]:
@@ -66,20 +75,11 @@ def platform_tags(target: Target, glibc: tuple[int, int] = DEFAULT_GLIBC) -> lis
     return tags
 
 
-def supported_tags(
-    python: tuple[int, int], platforms: Sequence[str]
-) -> frozenset[tuple[str, str, str]]:
-    """Every (python, abi, platform) tag CPython ``python`` on ``platforms`` installs."""
-    major, minor = python
-    cp = f"cp{major}{minor}"
-    older = [f"py{major}{m}" for m in range(minor)]
-    tags: set[tuple[str, str, str]] = set()
-    for plat in [*platforms, "any"]:
-        if plat != "any":
-            tags.add((cp, cp, plat))
-            tags.update((f"cp{major}{m}", "abi3", plat) for m in range(2, minor + 1))
-            tags.add((cp, "none", plat))
-        tags.update((py, "none", plat) for py in (f"py{major}", f"py{major}{minor}", cp, *older))
+def supported_tags(python: tuple[int, int], platforms: Sequence[str]) -> frozenset[Tag]:
+    """Every tag CPython ``python`` on ``platforms`` installs (``packaging.tags``' rules)."""
+    interpreter = "cp{}{}".format(*python)
+    tags = set(cpython_tags(python, abis=[interpreter], platforms=platforms))
+    tags.update(compatible_tags(python, interpreter, platforms))
     return frozenset(tags)
 
 
@@ -97,17 +97,29 @@ def forbidden(filenames: Iterable[str]) -> list[str]:
 
 
 def requirement_of(metadata: str, project: str) -> str | None:
-    """The unconditional ``Requires-Dist`` on ``project`` in METADATA text, e.g. ``x>=1``."""
-    for line in metadata.splitlines():
-        if not line.startswith("Requires-Dist:"):
-            continue
-        spec = line.split(":", 1)[1].strip()
-        if ";" in spec:
-            continue  # an extra or a marker: not needed on the board
-        match = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", spec)
-        if match and normalize(match[1]) == normalize(project):
-            return f"{project}{match[2].replace(' ', '')}"
+    """The unconditional ``Requires-Dist`` on ``project`` in METADATA text, e.g. ``x>=1``.
+
+    A requirement with a marker (an extra, a platform) is not needed on the board.
+    """
+    wanted = canonicalize_name(project)
+    for spec in email.parser.HeaderParser().parsestr(metadata).get_all("Requires-Dist", []):
+        try:
+            requirement = Requirement(spec)
+        except InvalidRequirement as error:
+            raise CrossbuildError(f"bad Requires-Dist {spec!r} in a wheel: {error}") from None
+        if requirement.marker is None and canonicalize_name(requirement.name) == wanted:
+            return f"{project}{requirement.specifier}"
     return None
+
+
+def allows(requirement: str, version: str) -> bool:
+    """Whether ``requirement`` (``name>=1,<2``) accepts ``version``, pre-releases included."""
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+def newest(wheels: Iterable[Path]) -> Path | None:
+    """The wheel with the highest version (PEP 440 order, not the file names' order)."""
+    return max(wheels, key=lambda w: parse_wheel_name(w.name).version, default=None)
 
 
 def parse_version(text: str, what: str) -> tuple[int, int]:
@@ -186,8 +198,13 @@ def keep_wheels(wheels: Iterable[Path], wheel_dir: Path, skip: Iterable[str] = (
     return kept
 
 
-def build_tvmrpc_wheel(source: Path, dest: Path) -> Path:
-    """Build the tvmrpc wheel from the checkout ``source`` (via a copy: no build/ left)."""
+def build_tvmrpc_wheel(source: Path, dest: Path, source_date_epoch: int | None = None) -> Path:
+    """Build the tvmrpc wheel from the checkout ``source`` (via a copy: no build/ left).
+
+    With ``source_date_epoch`` the wheel's members carry that time (the
+    ``SOURCE_DATE_EPOCH`` convention the wheel builder honours): the same
+    checkout gives the same bytes.
+    """
     if not (source / "setup.py").is_file() or not (source / "tvmrpc").is_dir():
         raise CrossbuildError(f"{source} is not a tvmrpc checkout (no setup.py and tvmrpc/)")
     dest.mkdir(parents=True, exist_ok=True)
@@ -210,13 +227,16 @@ def build_tvmrpc_wheel(source: Path, dest: Path) -> Path:
                 shutil.copytree(source / name, copy / name, ignore=ignore)
         argv = [sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check"]
         argv += ["--no-deps", "--wheel-dir", str(dest), str(copy)]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if source_date_epoch is not None:
+            env["SOURCE_DATE_EPOCH"] = str(source_date_epoch)
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
         if result.returncode != 0:
             raise _pip_error(result, f"build the tvmrpc wheel from {source}")
-    found = sorted(dest.glob("tvmrpc-*.whl"))
-    if not found:
+    found = newest(dest.glob("tvmrpc-*.whl"))
+    if found is None:
         raise CrossbuildError(f"pip built no tvmrpc wheel from {source}")
-    return found[-1]
+    return found
 
 
 def wheel_metadata(wheel: Path) -> str:

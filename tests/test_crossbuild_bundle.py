@@ -1,11 +1,12 @@
 """``bundle``: an aarch64 archive from wheels, and a host archive that really serves.
 
-The aarch64 bundle is checked with tools independent of crossbuild's own tag
-logic (``packaging.tags``) and pyelftools. The host bundle is unpacked into
+The aarch64 bundle is checked with ``packaging.tags`` and pyelftools called
+directly, not through crossbuild's helpers. The host bundle is unpacked into
 an empty directory, installed by its ``install.sh`` with no index and a clean
 environment (nothing from this checkout or its venv on the path), started
 from its launcher against our tracker, and a stock client runs the shared
-reference MLP through it.
+reference MLP through it. Two host bundles from the same inputs are the
+same bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from crossbuild.__main__ import main
+from crossbuild.bundle import FIXED_MTIME
 from crossbuild.elf import ELF_MAGIC, elf_info, elf_members
 from crossbuild.targets import get_target
 from crossbuild.wheels import platform_tags
@@ -130,20 +132,56 @@ def bare_python(tmp_path) -> str:
 
 
 @pytest.fixture(scope="module")
-def host_bundle(tmp_path_factory) -> Path:
+def host_runtime(tmp_path_factory) -> Path:
+    """A directory with this host's TVM runtime libraries (the --runtime of a host bundle)."""
     import tvm
 
-    work = tmp_path_factory.mktemp("bundle-host")
-    runtime = work / "runtime"
-    runtime.mkdir()
+    runtime = tmp_path_factory.mktemp("runtime-host")
     for lib in Path(tvm.__file__).parent.joinpath("lib").glob("libtvm_runtime*.so"):
         if lib.name != "libtvm_runtime_cuda.so":  # needs CUDA, which this host has not
             shutil.copy2(lib, runtime / lib.name)
-    out = work / "tvmrpc-server-host.tar.gz"
+    return runtime
+
+
+def host_bundle_argv(runtime: Path, out: Path) -> list[str]:
     argv = ["bundle", "--target", "x86_64-linux-gnu", "--python", PY, "--glibc", "2.28"]
-    argv += ["--runtime", str(runtime), "-o", str(out), "--tvmrpc-source", str(REPO_ROOT)]
-    assert main(argv) == 0
+    return [*argv, "--runtime", str(runtime), "-o", str(out), "--tvmrpc-source", str(REPO_ROOT)]
+
+
+@pytest.fixture(scope="module")
+def host_bundle(tmp_path_factory, host_runtime) -> Path:
+    out = tmp_path_factory.mktemp("bundle-host") / "tvmrpc-server-host.tar.gz"
+    assert main(host_bundle_argv(host_runtime, out)) == 0
     return out
+
+
+def test_bundle_is_reproducible(host_runtime, tmp_path, monkeypatch):
+    """Two runs with the same inputs give the same bytes (the wheels come from --wheel-dir
+    the second time; the tvmrpc wheel is built afresh each time)."""
+    wheel_dir = tmp_path / "wheels"
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    first, second = tmp_path / "1" / "b.tar.gz", tmp_path / "2" / "b.tar.gz"
+    assert main([*host_bundle_argv(host_runtime, first), "--wheel-dir", str(wheel_dir)]) == 0
+    kept = sorted(p.name for p in wheel_dir.iterdir())
+    assert main([*host_bundle_argv(host_runtime, second), "--wheel-dir", str(wheel_dir)]) == 0
+    assert sorted(p.name for p in wheel_dir.iterdir()) == kept  # nothing new was fetched
+    assert first.read_bytes() == second.read_bytes()
+    with tarfile.open(first) as tar:
+        names = tar.getnames()
+        assert names == sorted(names)
+        assert {m.mtime for m in tar.getmembers()} == {FIXED_MTIME}
+        (wheel,) = (m for m in names if m.startswith("b/wheels/tvmrpc-"))
+        with zipfile.ZipFile(tar.extractfile(wheel)) as built:  # built with the same time
+            assert {i.date_time for i in built.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    # SOURCE_DATE_EPOCH, when set, is the time of every member (and of the tvmrpc wheel's).
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    third = tmp_path / "3" / "b.tar.gz"
+    assert main([*host_bundle_argv(host_runtime, third), "--wheel-dir", str(wheel_dir)]) == 0
+    with tarfile.open(third) as tar:
+        assert {m.mtime for m in tar.getmembers()} == {1700000000}
+        (wheel,) = (m for m in tar.getnames() if m.startswith("b/wheels/tvmrpc-"))
+        with zipfile.ZipFile(tar.extractfile(wheel)) as built:
+            assert {i.date_time[:3] for i in built.infolist()} == {(2023, 11, 14)}
 
 
 @pytest.mark.parametrize("mode", ["venv", "plain"])

@@ -100,6 +100,16 @@ def test_tvm_ffi_requirement_choice():
     assert choose(None, "apache-tvm-ffi>=0.1.14", "0.1.15") == "apache-tvm-ffi>=0.1.14,==0.1.15"
     assert choose(None, None, "0.1.15") == "apache-tvm-ffi==0.1.15"
     assert choose(None, "apache-tvm-ffi>=0.1.14", None) == "apache-tvm-ffi>=0.1.14"
+    assert choose(None, "apache-tvm-ffi>=0.1.14", "0.1.15.post2") == (
+        "apache-tvm-ffi>=0.1.14,==0.1.15.post2"
+    )
+    assert choose(None, "apache-tvm-ffi", "0.1.15") == "apache-tvm-ffi==0.1.15"
+    with pytest.raises(
+        CrossbuildError,
+        match=r"^apache-tvm needs apache-tvm-ffi>=0\.1\.14 but this host has apache-tvm-ffi "
+        r"0\.1\.9: pass --tvm-ffi-version$",
+    ):
+        choose(None, "apache-tvm-ffi>=0.1.14", "0.1.9")
     with pytest.raises(CrossbuildError, match="pass --tvm-ffi-version"):
         choose(None, None, None)
 
@@ -117,3 +127,20 @@ def test_bundle_finds_the_runtime_in_a_build_dirs_lib(capsys, tmp_path):
         *("-o", str(tmp_path / "out.tar.gz")),
     )
     assert line.endswith(f"{tmp_path}/lib/libtvm_runtime.so is for x86-64, the target is AArch64")
+
+
+def test_without_packaging_one_line_says_what_to_install(tmp_path):
+    """crossbuild is host-side: without its extra it says what to install, no traceback."""
+    result = subprocess.run(
+        # -S: no site-packages, so neither packaging nor pyelftools is importable.
+        [sys.executable, "-S", "-m", "crossbuild", "toolchain", "--target", "aarch64-linux-gnu"],
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (
+        1,
+        "tvmrpc-crossbuild: error: packaging is needed: pip install 'tvmrpc[crossbuild]'\n",
+    )

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
 from pathlib import Path
 
 import pytest
+from packaging.tags import Tag
+from packaging.version import Version
 
 from crossbuild import config as cfg
-from crossbuild.bundle import bundle_name, render_template
-from crossbuild.elf import ElfInfo, foreign_needs
+from crossbuild.bundle import (
+    FIXED_MTIME,
+    Member,
+    bundle_mtime,
+    bundle_name,
+    render_template,
+    write_archive,
+)
+from crossbuild.elf import ElfInfo, foreign_needs, require_machine
 from crossbuild.errors import CrossbuildError
 from crossbuild.targets import SHIPPED_TOOLCHAINS, TARGETS, get_target
 from crossbuild.toolchain import make_toolchain, render_toolchain, shipped_toolchain_path
 from crossbuild.wheels import (
     forbidden,
     misfits,
+    newest,
     parse_version,
     parse_wheel_name,
     platform_tags,
@@ -133,10 +146,19 @@ def test_wheel_name_parsing_expands_compressed_tags():
         "Apache_TVM_FFI-0.1.15-cp311-cp311-manylinux_2_24_aarch64.manylinux_2_28_aarch64.whl"
     )
     assert wheel.name == "apache-tvm-ffi"
-    assert ("cp311", "cp311", "manylinux_2_28_aarch64") in wheel.tags
+    assert wheel.version == Version("0.1.15")
+    assert Tag("cp311", "cp311", "manylinux_2_28_aarch64") in wheel.tags
     assert len(wheel.tags) == 2
-    with pytest.raises(CrossbuildError):
+    with pytest.raises(CrossbuildError, match=r"^not a wheel file name: notawheel\.tar\.gz \("):
         parse_wheel_name("notawheel.tar.gz")
+    with pytest.raises(CrossbuildError, match="not a wheel file name"):
+        parse_wheel_name("twisted-notaversion-py3-none-any.whl")
+
+
+def test_newest_wheel_by_version_not_by_name():
+    wheels = [Path(f"tvmrpc-{v}-py3-none-any.whl") for v in ("0.9.0", "0.10.0", "0.10.0rc1")]
+    assert newest(wheels) == wheels[1]  # by name, 0.9.0 would sort last
+    assert newest([]) is None
 
 
 def test_platform_tags_follow_glibc():
@@ -165,7 +187,11 @@ def test_wheel_fit():
         "cffi-2.1.1-cp311-cp311-musllinux_1_2_aarch64.whl",  # other libc
     ]
     assert misfits(fits + wrong, (3, 11), plats) == wrong
-    assert ("py3", "none", "any") in supported_tags((3, 11), plats)
+    ok = supported_tags((3, 11), plats)
+    assert Tag("py3", "none", "any") in ok
+    assert Tag("cp311", "none", "any") in ok
+    assert Tag("cp39", "abi3", "manylinux_2_17_aarch64") in ok
+    assert Tag("cp311", "cp311", "linux_aarch64") not in ok
 
 
 def test_forbidden_wheels():
@@ -180,6 +206,12 @@ def test_requirement_of_reads_only_unconditional_requires():
     )
     assert requirement_of(metadata, "apache-tvm-ffi") == "apache-tvm-ffi>=0.1.14.post0"
     assert requirement_of(metadata, "tornado") is None
+    # Names compare normalized (PEP 503); the answer names the project as asked.
+    assert requirement_of("Requires-Dist: Apache_TVM.FFI >= 0.1\n", "apache-tvm-ffi") == (
+        "apache-tvm-ffi>=0.1"
+    )
+    with pytest.raises(CrossbuildError, match=r"^bad Requires-Dist 'x >=' in a wheel: "):
+        requirement_of("Requires-Dist: x >=\n", "x")
 
 
 def test_versions_and_names():
@@ -195,3 +227,60 @@ def test_versions_and_names():
 def test_foreign_needs():
     info = ElfInfo("EM_AARCH64", 64, ("libtvm_ffi.so", "libc.so.6", "libcudart.so.13"))
     assert foreign_needs(info, {"libtvm_ffi.so"}) == ["libcudart.so.13"]
+
+
+def test_one_machine_check_for_every_elf_file():
+    info = ElfInfo("EM_X86_64", 64, ())
+    assert require_machine("lib.so", info, "EM_X86_64") is info
+    with pytest.raises(
+        CrossbuildError, match=r"^w\.whl:a\.so is for x86-64, the target is AArch64$"
+    ):
+        require_machine("w.whl:a.so", info, "EM_AARCH64")
+    with pytest.raises(
+        CrossbuildError, match=r"is for x86-64, the target is ARM: was the toolchain"
+    ):
+        require_machine("lib.so", info, "EM_ARM", "was the toolchain file used?")
+
+
+def test_bundle_mtime_from_source_date_epoch():
+    assert bundle_mtime({}) == FIXED_MTIME
+    assert bundle_mtime({"SOURCE_DATE_EPOCH": ""}) == FIXED_MTIME
+    assert bundle_mtime({"SOURCE_DATE_EPOCH": "1700000000"}) == 1700000000
+    with pytest.raises(CrossbuildError, match=r"^SOURCE_DATE_EPOCH wants whole seconds"):
+        bundle_mtime({"SOURCE_DATE_EPOCH": "yesterday"})
+
+
+def test_archive_is_normalized(tmp_path):
+    """Sorted members, one mtime, root:root, given modes, and a gzip header with no name or time."""
+    data = tmp_path / "lib.so"
+    data.write_bytes(b"\x7fELF...")
+    data.chmod(0o600)
+    members = [
+        Member("top/z.txt", 0o644, data=b"z"),
+        Member("top/lib/lib.so", 0o755, data),
+        Member("top/a.sh", 0o755, data=b"#!/bin/sh\n"),
+    ]
+    out = tmp_path / "out.tar.gz"
+    write_archive(members, out, 1700000000)
+    raw = out.read_bytes()
+    assert raw[:3] == b"\x1f\x8b\x08"
+    assert raw[3] & 0x08 == 0  # FNAME flag clear: no file name
+    assert raw[4:8] == b"\0\0\0\0"  # MTIME field: no time
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw))) as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == ["top/a.sh", "top/lib/lib.so", "top/z.txt"]
+        assert [(i.mode, i.mtime, i.uid, i.gid, i.uname, i.gname) for i in infos] == [
+            (0o755, 1700000000, 0, 0, "root", "root"),
+            (0o755, 1700000000, 0, 0, "root", "root"),
+            (0o644, 1700000000, 0, 0, "root", "root"),
+        ]
+        assert all(i.isreg() for i in infos)
+        assert tar.extractfile("top/lib/lib.so").read() == b"\x7fELF..."
+    # The same members in another order, from another file of the same bytes: same archive.
+    copy = tmp_path / "copy.so"
+    copy.write_bytes(data.read_bytes())
+    again = tmp_path / "again.tar.gz"
+    write_archive(
+        [members[2], Member("top/lib/lib.so", 0o755, copy), members[0]], again, 1700000000
+    )
+    assert again.read_bytes() == raw

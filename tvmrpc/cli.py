@@ -2,6 +2,9 @@
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only dispatches, importing the one chosen.
+
+Invariant: what ``--help`` prints is plain text (``DESCRIPTION`` and the
+subcommands' help), never this docstring's reST markup.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = (
+    "Commands around tvmrpc's daemons. The daemons themselves run under twistd:\n"
+    "twistd -n tvm-tracker, twistd -n tvm-proxy, twistd -n tvm-server (each takes --help)."
+)
 SUBCOMMANDS = {
     "query": ("tvmrpc.query", "print a tracker's server list and queue status"),
     "demo": ("tvmrpc.demo", "tracker, proxy and servers; a stock client runs a compiled model"),
@@ -20,7 +27,11 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tvmrpc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tvmrpc",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     command = (argv if argv is not None else sys.argv[1:])[:1]
     for name, (module_name, help_text) in SUBCOMMANDS.items():

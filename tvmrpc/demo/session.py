@@ -82,7 +82,11 @@ def _hostport(value: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tvmrpc.demo.session", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tvmrpc.demo.session",
+        description="One client session as a stock TVM user runs it: ask the tracker, "
+        "upload, run, check; prints one JSON line.",
+    )
     parser.add_argument("--tracker", type=_hostport, required=True, help="tracker HOST:PORT")
     parser.add_argument("--key", required=True, help="device key to request")
     parser.add_argument("--library", type=Path, required=True, help="compiled MLP (build_mlp)")
