@@ -225,7 +225,26 @@ def test_server_reports_count_each_session_once():
     passed = {**second, "health": {"checks": 2, "ok": True}}
     assert rules.report("b:1", passed) == ["health_ok"]
     assert rules.available("k", "b:1")
+    assert rules.streak("b:1") == 0
     # a restarted server counts from zero again; its first session is new
     assert rules.report("b:1", {"sessions": 1, "last_session": {"outcome": "ok"}}) == ["ok"]
     assert rules.report("b:1", "junk") == []
     assert rules.report("b:1", {"sessions": "many", "health": []}) == []
+
+
+def test_passing_checks_after_each_crash_do_not_keep_a_board_out_of_quarantine():
+    """Our server runs a health check after every crash; the crashes still add up."""
+    rules = BoardRules(quarantine_after=3)
+    for n in (1, 2, 3):
+        report = {
+            "sessions": n,
+            "last_session": {"outcome": "crashed"},
+            "health": {"checks": n, "ok": True},
+        }
+        assert rules.report("b:1", report) == ["health_ok", "crashed"]
+    assert rules.state("k", "b:1") is BoardState.QUARANTINED
+    # the same report again lifts nothing; a later passing check does
+    assert rules.report("b:1", report) == []
+    assert rules.state("k", "b:1") is BoardState.QUARANTINED
+    assert rules.report("b:1", {**report, "health": {"checks": 4, "ok": True}}) == ["health_ok"]
+    assert rules.available("k", "b:1")

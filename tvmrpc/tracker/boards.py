@@ -13,7 +13,13 @@ Invariants:
   outcomes that are the client's doing (:data:`NEUTRAL`: a timeout because the
   client's code is slow, a client that went away) leave it as it is.
 - A quarantined board returns after a passing health check it reports
-  (``"health_ok"``) or when an operator resumes it.
+  (``"health_ok"``) once quarantined, or when an operator resumes it. A
+  passing check does not reset the count of failed sessions: our servers run
+  one after every crash, and a board whose sessions keep crashing must still
+  reach quarantine. Within one report the health check is counted before the
+  session, so the check that followed the quarantining crash cannot lift it:
+  the board needs a later passing check (e.g. its server restarted after a
+  repair) or an operator.
 - At most :data:`KEPT_FAILURES` recent failures are kept per board.
 - A server's report (the ``"tvmrpc"`` field of its UPDATE_INFO, see
   :meth:`BoardRules.report`) counts each session and each health check once,
@@ -31,7 +37,7 @@ import attrs
 FAILURES = frozenset({"crashed", "health_failed"})
 #: Outcomes that say nothing about the board's health.
 NEUTRAL = frozenset({"timeout", "client_gone"})
-#: Outcomes that clear the failure count (and, for health_ok, a quarantine).
+#: Outcomes that clear the failure count ("ok") or a quarantine ("health_ok").
 GOOD = frozenset({"ok", "health_ok"})
 KEPT_FAILURES = 5
 
@@ -87,10 +93,11 @@ class BoardRules:
             if streak >= self.quarantine_after and board not in self.quarantined:
                 self.quarantined.add(board)
                 return True
-        elif outcome in GOOD:
+        elif outcome == "ok":
             self._streaks.pop(board, None)
-            if outcome == "health_ok":
-                self.quarantined.discard(board)
+        elif outcome == "health_ok" and board in self.quarantined:
+            self.quarantined.discard(board)
+            self._streaks.pop(board, None)
         return False
 
     def report(self, board: str, report: object) -> list[str]:
@@ -108,12 +115,12 @@ class BoardRules:
         checks = _count(health.get("checks"))
         seen_sessions, seen_checks = self._seen.get(board, (0, 0))
         counted = []
+        if checks is not None and checks != seen_checks and checks > 0:
+            counted.append("health_ok" if health.get("ok") is True else "health_failed")
         last = report.get("last_session")
         new_session = sessions is not None and sessions != seen_sessions and sessions > 0
         if new_session and isinstance(last, dict) and isinstance(last.get("outcome"), str):
             counted.append(last["outcome"])
-        if checks is not None and checks != seen_checks and checks > 0:
-            counted.append("health_ok" if health.get("ok") is True else "health_failed")
         self._seen[board] = (
             sessions if sessions is not None else seen_sessions,
             checks if checks is not None else seen_checks,
