@@ -28,6 +28,24 @@ def _sleep(seconds):
 def _crash():
     os._exit(3)
 
+@tvm_ffi.register_global_func("tvmrpc_test.segfault", override=True)
+def _segfault():
+    import signal
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+@tvm_ffi.register_global_func("tvmrpc_test.fork_sleepers", override=True)
+def _fork_sleepers(count):
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                time.sleep(3600)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return ",".join(map(str, pids))
+
 @tvm_ffi.register_global_func("tvmrpc_test.pid", override=True)
 def _pid():
     return os.getpid()
@@ -85,7 +103,8 @@ def start_server(
     env: dict[str, str] | None = None,
     listen: bool = True,
 ) -> Daemon:
-    """Our server on a kernel-chosen loopback port; returns once its worker is warm."""
+    """Our server on a kernel-chosen loopback port; returns once its board is ready
+    (zygote warm and health check passed)."""
     args = ["--key", key, *extra]
     if listen:
         args = ["--listen", "tcp:0:interface=127.0.0.1", *args]
@@ -95,6 +114,7 @@ def start_server(
     if listen:
         daemon.wait_listening()
     daemon.wait_for(r"worker zygote \d+ warm")
+    daemon.wait_for(r"board ready")
     return daemon
 
 

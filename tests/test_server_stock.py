@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -136,21 +137,32 @@ def _restart_tracker(log_dir, port: int):
     return daemon
 
 
-def test_mlp_through_our_proxy_and_duplicate_key_exits(log_dir, mlp_library):  # noqa: F811
+def test_mlp_through_our_proxy_and_duplicate_key_is_retried(log_dir, mlp_library):  # noqa: F811
+    """A second server with the same key waits (warn, backoff) instead of exiting (issue 14.4)."""
     with running(start_proxy(log_dir)) as proxy:
         args = ["--through-proxy", "--host", "127.0.0.1", "--port", str(proxy.port)]
         mark = proxy.mark()
-        with running(start_server(log_dir, "behind", *args, listen=False)) as server:
+        first = start_server(log_dir, "behind", *args, listen=False)
+        with running(first):
             proxy.wait_for(r"waits as server behind\b", start=mark)
             session = rpc.connect("127.0.0.1", proxy.port, key="behind", session_timeout=60)
             assert run_mlp(session, mlp_library).ok
             del session
-            server.wait_for(r"session ended")
-            server.wait_for(r"waiting at proxy")
+            first.wait_for(r"session ended")
+            first.wait_for(r"waiting at proxy")
             duplicate = start_server(log_dir, "behind", *args, listen=False, name="duplicate")
             with running(duplicate):
-                duplicate.wait_for(r"already in use")
-                assert duplicate.proc.wait(30) != 0
-            session = rpc.connect("127.0.0.1", proxy.port, key="behind", session_timeout=60)
-            session.upload(bytearray(b"p"), "p")
-            assert bytes(session.download("p")) == b"p"
+                duplicate.wait_for(r"#warn\].*already in use.*retrying in")
+                session = rpc.connect("127.0.0.1", proxy.port, key="behind", session_timeout=60)
+                session.upload(bytearray(b"p"), "p")
+                assert bytes(session.download("p")) == b"p"
+                del session
+                gc.collect()  # a stock client's session closes when collected
+                first.stop()
+                session = rpc.connect("127.0.0.1", proxy.port, key="behind", session_timeout=60)
+                session.upload(bytearray(b"q"), "q")
+                assert bytes(session.download("q")) == b"q"
+                del session
+                gc.collect()
+                duplicate.wait_for(r"session ended")
+                assert duplicate.proc.poll() is None

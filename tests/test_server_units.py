@@ -159,6 +159,17 @@ class FakeRuntime:
         self.is_ready = True
         self.sessions: list[tuple[socket.socket, str, defer.Deferred[int]]] = []
         self.aborted: list[defer.Deferred[int]] = []
+        self.warm_observers: list = []
+        self.lost_observers: list = []
+
+    def start(self) -> None:
+        pass
+
+    def check(self) -> defer.Deferred[str | None]:
+        return defer.succeed(None)
+
+    def abandon(self, reason: str) -> None:
+        self.abandoned = reason
 
     def ready(self) -> defer.Deferred[None]:
         return defer.succeed(None)

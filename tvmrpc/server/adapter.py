@@ -10,6 +10,12 @@ session sockets (SCM_RIGHTS).
 Invariants:
 - ``ready()`` fires once the zygote is warm (and again after a restart);
   ``str_type_index`` is then what the runtime writes for a raw string.
+- The runtime never restarts its zygote by itself: it tells
+  ``warm_observers`` when the zygote is warm and ``lost_observers`` (with one
+  line naming cause and fix) when it could not start or died; whoever
+  supervises it calls :meth:`ZygoteRuntime.start` again.
+- :meth:`ZygoteRuntime.check` fires with ``None`` when a fresh worker passed
+  the health check, else with one line saying why (also on timeout).
 - ``serve()`` fires with the worker's exit code once its session is over,
   whatever ended it (client closed, crash, :meth:`abort`).
 - :meth:`abort` kills the worker's whole process group.
@@ -21,14 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import defer, protocol
-from twisted.internet.error import ProcessDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
@@ -48,6 +55,17 @@ class IDeviceRuntime(Interface):
 
     is_ready = Attribute("True while a session can start at once.")
     str_type_index = Attribute("Type index of a raw string in this runtime's exception packets.")
+    warm_observers = Attribute("Callables called with no argument each time the runtime is warm.")
+    lost_observers = Attribute("Callables called with one line (cause and fix) when it is lost.")
+
+    def start() -> None:
+        """Start (or restart) the runtime; ``warm_observers`` hear when it is warm."""
+
+    def check() -> defer.Deferred[str | None]:
+        """Health check in a fresh worker: fires ``None`` if it passed, else why not."""
+
+    def abandon(reason: str) -> None:  # noqa: N805
+        """Kill a runtime that does not get warm; ``lost_observers`` hear ``reason``."""
 
     def ready() -> defer.Deferred[None]:
         """Fires when a session can start at once (a worker is warm)."""
@@ -71,9 +89,12 @@ class WorkerConfig:
     init_modules: tuple[str, ...] = ()
     python: str = sys.executable
     env: dict[str, str] | None = None
+    memory_limit: int = 0
 
     def argv(self) -> list[str]:
         argv = [self.python, "-m", "tvmrpc.server.worker", "--control-fd", "3"]
+        if self.memory_limit:
+            argv += ["--memory-limit", str(self.memory_limit)]
         if self.runtime_library:
             argv += ["--runtime-library", self.runtime_library]
         for library in self.load_libraries:
@@ -119,10 +140,9 @@ class _ZygoteProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
-        if not reason.check(ProcessDone):
-            log.info("worker zygote exited ({reason})", reason=reason.getErrorMessage())
+        signum = getattr(reason.value, "signal", None)
         self.ended.callback(None)
-        self.runtime._zygote_ended(self, code)
+        self.runtime._zygote_ended(self, f"signal {signum}" if signum else f"exit {code}")
 
 
 @attrs.define
@@ -130,6 +150,7 @@ class _Session:
     id: int
     sock: socket.socket
     done: defer.Deferred[int]
+    session_dir: str = ""
     pid: int | None = None
     aborted: bool = False
 
@@ -138,7 +159,10 @@ class _Session:
 class ZygoteRuntime:
     """:class:`IDeviceRuntime` backed by a forking zygote with the runtime loaded."""
 
-    restart_delay = 1.0
+    #: The zygote removes a session's directory when it reaps the worker.
+    removes_session_dirs = True
+
+    check_timeout = 30.0
 
     def __init__(self, reactor: Any, config: WorkerConfig) -> None:
         self.reactor = reactor
@@ -152,16 +176,21 @@ class ZygoteRuntime:
         self._sessions: dict[int, _Session] = {}
         self._next_id = 0
         self._stopping = False
+        self._failure: str | None = None
+        self._checks: dict[int, defer.Deferred[str | None]] = {}
         self.zygote_pid: int | None = None
         #: Times the zygote died and was restarted (read by tvmrpc.status).
         self.restarts = 0
+        self.warm_observers: list[Callable[[], None]] = []
+        self.lost_observers: list[Callable[[str], None]] = []
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn the zygote (again); ``ready()`` fires when it is warm."""
-        if self._stopping:
+        if self._stopping or self._process is not None:
             return
+        self._failure = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = _ZygoteProcess(self)
         env = self.config.env if self.config.env is not None else dict(os.environ)
@@ -196,7 +225,7 @@ class ZygoteRuntime:
         if not self._ready or self._control is None:
             return defer.fail(WorkerError("no warm worker"))
         self._next_id += 1
-        session = _Session(self._next_id, sock, defer.Deferred())
+        session = _Session(self._next_id, sock, defer.Deferred(), session_dir)
         self._sessions[session.id] = session
         transport = self._control.transport
         transport.sendFileDescriptor(sock.fileno())
@@ -204,6 +233,36 @@ class ZygoteRuntime:
             json.dumps({"cmd": "serve", "id": session.id, "dir": session_dir}).encode() + b"\n"
         )
         return session.done
+
+    def check(self) -> defer.Deferred[str | None]:
+        """Run the health check in a fresh worker: ``None`` if it passed, else why not."""
+        if not self._ready or self._control is None:
+            return defer.succeed("health check: the worker zygote is not running")
+        self._next_id += 1
+        check_id = self._next_id
+        d: defer.Deferred[str | None] = defer.Deferred()
+        self._checks[check_id] = d
+        timer = self.reactor.callLater(
+            self.check_timeout,
+            self._check_done,
+            check_id,
+            f"health check: no answer within {self.check_timeout:g}s",
+        )
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        self._control.transport.write(json.dumps({"cmd": "check", "id": check_id}).encode() + b"\n")
+        return d
+
+    def abandon(self, reason: str) -> None:
+        if self._transport is None or self._ready:
+            return
+        self._failure = reason
+        with contextlib.suppress(Exception):  # already gone
+            self._transport.signalProcess("KILL")
+
+    def _check_done(self, check_id: int, error: str | None) -> None:
+        d = self._checks.pop(check_id, None)
+        if d is not None:
+            d.callback(error)
 
     def abort(self, session: defer.Deferred[int]) -> None:
         for entry in self._sessions.values():
@@ -242,6 +301,8 @@ class ZygoteRuntime:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(None)
+            for observer in list(self.warm_observers):
+                observer()
         elif event == "started":
             entry = self._sessions.get(message["id"])
             if entry is not None:
@@ -259,30 +320,39 @@ class ZygoteRuntime:
                 pid=message.get("pid"),
                 code=message.get("code"),
             )
+        elif event == "checked":
+            error = (
+                None if message.get("ok") else str(message.get("error") or "health check failed")
+            )
+            self._check_done(int(message.get("id", -1)), error)
         elif event == "failed":
-            log.error("worker zygote cannot start: {error}", error=message.get("error"))
+            self._failure = str(message.get("error"))
 
     def _control_lost(self, control: _Control) -> None:
         if control is self._control:
             self._control = None
             self._ready = False
 
-    def _zygote_ended(self, proc: _ZygoteProcess, code: int | None) -> None:
+    def _zygote_ended(self, proc: _ZygoteProcess, how: str) -> None:
         if proc is not self._process:
             return
         self._process = None
         self._transport = None
         self._ready = False
+        for check_id in list(self._checks):
+            self._check_done(check_id, f"health check: the worker zygote died ({how})")
         # Workers forked by the dead zygote can no longer be reaped by it: end them.
         for entry in list(self._sessions.values()):
             if entry.pid is not None:
                 _kill_group(entry.pid)
+            shutil.rmtree(entry.session_dir, ignore_errors=True)  # nobody else will now
             del self._sessions[entry.id]
             entry.done.callback(-signal.SIGKILL)
         if not self._stopping:
-            log.warn("worker zygote gone (exit {code}); restarting", code=code)
-            self.restarts += 1
-            self.reactor.callLater(self.restart_delay, self.start)
+            self.restarts += 1  # the supervisor restarts it with backoff
+            reason = self._failure or f"worker zygote died ({how}); see its output above"
+            for observer in list(self.lost_observers):
+                observer(reason)
 
 
 class _OneProtocol(protocol.Factory):
@@ -295,7 +365,7 @@ class _OneProtocol(protocol.Factory):
         return self.proto
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int) -> None:  # same as worker.kill_group; the daemon imports no worker
     """SIGKILL a worker's process group (it called setsid), or the worker alone."""
     try:
         os.killpg(pid, signal.SIGKILL)

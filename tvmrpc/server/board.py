@@ -8,11 +8,19 @@ and the board keeps a duplicate only to write the timeout exception.
 
 Invariants:
 - At most one session runs; ``busy`` is true while one runs or tickets wait.
-- Every session gets a fresh directory, removed when the session is over.
+- Every session gets a fresh directory, removed when the session is over
+  (by the runtime when it says ``removes_session_dirs``, off this thread).
 - A session past its ``-timeout`` is aborted: its worker tree is killed and
   the client receives the stock ``RPCSessionTimeoutError`` exception packet.
 - ``idle_observers`` are called whenever the board becomes free with nothing
   waiting (the tracker registrar re-registers then).
+- With a :class:`Lifecycle`, a session starts only while the board is
+  advertised; the board reports each session's start and end to it, and an
+  end by a signal we did not send (a crash) as such, so a health check runs
+  before the next client.
+- A session that asked for no timeout is capped at ``max_session_seconds``
+  when that is set.
+- Session directories live in this daemon's locked :class:`SessionRoot`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from twisted.logger import Logger
 from ..codec import exception_packet, session_timeout_message
 from ..status.hooks import NULL_SERVER
 from .adapter import IDeviceRuntime
+from .lifecycle import Lifecycle, State
+from .session_dirs import SessionRoot
 
 log = Logger(namespace="tvmrpc.server")
 
@@ -52,10 +62,22 @@ class Ticket(Protocol):
 class Board:
     """Runs sessions one after another on a :class:`IDeviceRuntime`."""
 
-    def __init__(self, reactor: Any, runtime: IDeviceRuntime, workdir: str | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        runtime: IDeviceRuntime,
+        workdir: str | None = None,
+        lifecycle: Lifecycle | None = None,
+        max_session_seconds: float | None = None,
+    ) -> None:
         self.reactor = reactor
         self.runtime = runtime
         self.workdir = workdir
+        self.session_root = SessionRoot(workdir or session_root())
+        self.lifecycle = lifecycle
+        self.max_session_seconds = max_session_seconds
+        if lifecycle is not None:
+            lifecycle.observers.append(self._state_changed)
         self.queue: collections.deque[Ticket] = collections.deque()
         self.current: defer.Deferred[int] | None = None
         self.idle_observers: list[Callable[[], None]] = []
@@ -65,6 +87,7 @@ class Board:
         #: Told when a session starts, times out and ends (tvmrpc.status).
         self.observer: Any = NULL_SERVER
         self._waiting_for_worker = False
+        self._aborted = False
         self._closed = False
 
     @property
@@ -92,8 +115,14 @@ class Board:
         if not self.busy:
             self._idle()
 
+    def _state_changed(self, old: State, new: State, reason: str) -> None:
+        if new is State.ADVERTISED:
+            self._pump()
+
     def _pump(self) -> None:
         while self.current is None and self.queue and not self._closed:
+            if self.lifecycle is not None and not self.lifecycle.ready:
+                return  # the state observer pumps again once advertised
             if not self.runtime.is_ready:
                 if not self._waiting_for_worker:
                     self._waiting_for_worker = True
@@ -112,32 +141,38 @@ class Board:
         self._pump()
 
     def _start(self, ticket: Ticket, sock: socket.socket) -> None:
-        session_dir = tempfile.mkdtemp(prefix="tvm-session-", dir=self.workdir)
+        session_dir = self.session_root.new_session()
         started = time.monotonic()
+        timeout = ticket.timeout or self.max_session_seconds
         log.info(
             "session started for {peer} in {dir} (timeout {timeout})",
             peer=ticket.label,
             dir=session_dir,
-            timeout=ticket.timeout,
+            timeout=timeout,
         )
         client = getattr(ticket, "client", ticket.label)  # a proxied ticket knows its client
-        self.observer.session_started(client, ticket.timeout, sock)
+        self.observer.session_started(client, timeout, sock)
+        if self.lifecycle is not None:
+            self.lifecycle.session_started()
         d = self.runtime.serve(sock, session_dir)
         self.current = d
+        self._aborted = False
         for observer in list(self.session_observers):
             observer(ticket.label)
         timer = None
-        if ticket.timeout:
-            timer = self.reactor.callLater(ticket.timeout, self._expire, d, sock, ticket.timeout)
+        if timeout:
+            timer = self.reactor.callLater(timeout, self._expire, d, sock, timeout)
 
         def ended(result: Any) -> None:
             if timer is not None and timer.active():
                 timer.cancel()
             self.observer.session_ended(result, sock)
             sock.close()
-            shutil.rmtree(session_dir, ignore_errors=True)
+            if not getattr(self.runtime, "removes_session_dirs", False):
+                shutil.rmtree(session_dir, ignore_errors=True)
             self.current = None
             self.sessions_served += 1
+            aborted, self._aborted = self._aborted, False
             if isinstance(result, int):
                 log.info(
                     "session ended for {peer} (worker exit {code}, {secs:.3f}s)",
@@ -147,6 +182,11 @@ class Board:
                 )
             else:
                 log.failure("session ended for {peer} with an error", result, peer=ticket.label)
+            if self.lifecycle is not None:
+                crashed = None
+                if isinstance(result, int) and result < 0 and not aborted:
+                    crashed = f"the last session's worker was killed by signal {-result}"
+                self.lifecycle.session_ended(crashed)
             self._pump()
 
         d.addBoth(ended)
@@ -157,6 +197,7 @@ class Board:
             return
         log.info("session timeout after {timeout}s: aborting the worker", timeout=timeout)
         self.observer.session_timed_out()
+        self._aborted = True
         self.runtime.abort(d)
         packet = exception_packet(session_timeout_message(timeout), self.runtime.str_type_index)
         try:
@@ -190,6 +231,7 @@ class Board:
     def _abort_current(self, current: defer.Deferred[int]) -> None:
         if self.current is current:
             log.info("grace period over: aborting the running session")
+            self._aborted = True
             self.runtime.abort(current)
 
 

@@ -9,6 +9,8 @@ Invariants:
 - An accepted key waits on the board (unanswered, still watched for EOF);
   its answer, success and ``server:<key>``, is one write with TCP_NODELAY
   set, sent only when its session starts.
+- Every accepted connection gets TCP keepalive (``--dead-peer-timeout``),
+  which its session socket keeps: a client that vanishes frees the board.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class ServerHandshake(protocol.Protocol):
         peer = self.transport.getPeer()
         self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         sockopts.set_nodelay(self.transport)
+        # Kept by the session's duplicate: a client that vanishes frees the board.
+        sockopts.set_keepalive(self.transport)
         self.timer = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_timed_out
         )

@@ -15,6 +15,13 @@ Invariants:
   (the stale one then gets the no-match code).
 - The tracker connection is re-established by ``ClientService`` with
   backoff; the server keeps serving meanwhile.
+- With a :class:`Lifecycle`, the tracker is contacted only once the board is
+  advertised (zygote warm, health check passed) and nothing is PUT while it
+  is not. When the board is withdrawn or fails, the tracker connection is
+  closed: the tracker drops a closed connection's resources (the wire has
+  no un-PUT), so no client is handed to a board that cannot serve.
+- ``announcement.up`` is true exactly while a tracker link has been
+  answered (UPDATE_INFO) and not lost or dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from twisted.python.failure import Failure
 from ..client import TrackerClientProtocol, tracker_link_service
 from ..codec import random_matchkey
 from .board import Board
+from .lifecycle import Announcement, Lifecycle, State
 
 log = Logger(namespace="tvmrpc.server.tracker")
 
@@ -51,6 +59,7 @@ class Registrar(service.Service):
         custom_addr: str | None = None,
         period: float = 2.0,
         grace: float = 5.0,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.reactor = reactor
         self.board = board
@@ -76,7 +85,11 @@ class Registrar(service.Service):
         #: Called with True each time the tracker acknowledged a PUT (registered and free),
         #: with False when the tracker link is lost.
         self.link_observers: list[Callable[[bool], None]] = []
+        self.lifecycle = lifecycle
+        self.announcement = Announcement()
         board.idle_observers.append(self._register)
+        if lifecycle is not None:
+            lifecycle.observers.append(self._state_changed)
 
     # -- service -----------------------------------------------------------------
 
@@ -93,19 +106,49 @@ class Registrar(service.Service):
             self._connect()
         return port
 
+    def _advertised(self) -> bool:
+        return self.lifecycle is None or self.lifecycle.serving
+
     def _connect(self) -> None:
+        if self._client is not None or self.port is None or not self._advertised():
+            return
         self._client = tracker_link_service(self.reactor, self.tracker, self._ready, self._lost)
         self._client.startService()
 
-    def stopService(self) -> defer.Deferred[None] | None:
-        service.Service.stopService(self)
+    def _state_changed(self, old: State, new: State, reason: str) -> None:
+        if not self.running:
+            return
+        if new is State.ADVERTISED:
+            self._connect()
+            self._register()
+        elif new in (State.WITHDRAWN, State.FAILED):
+            if self._client is not None:
+                log.info(
+                    "withdrawn from tracker {host}:{port} ({reason})",
+                    host=self.tracker[0],
+                    port=self.tracker[1],
+                    reason=reason,
+                )
+            self._disconnect()
+
+    def _disconnect(self) -> defer.Deferred[None] | None:
+        """Close the tracker link: the tracker forgets what this connection PUT."""
         if self._loop.running:
             self._loop.stop()
+        if self.matchkey is not None:
+            self.old_keys.add(self.matchkey)
         self.matchkey = None
+        self.link = None
+        self._put_on = None
+        self.announcement.set(False, self._where())
         if self._client is not None:
             client, self._client = self._client, None
             return client.stopService()
         return None
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        service.Service.stopService(self)
+        return self._disconnect()
 
     # -- the tracker connection --------------------------------------------------
 
@@ -113,6 +156,9 @@ class Registrar(service.Service):
         """Tell the tracker who we are; the link counts once that is answered."""
         d = link.update_info(self._info())
         return d.addCallback(lambda _: self._linked(link))
+
+    def _where(self) -> str:
+        return f"tracker {self.tracker[0]}:{self.tracker[1]}"
 
     def _info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
@@ -122,8 +168,12 @@ class Registrar(service.Service):
         return info
 
     def _linked(self, link: TrackerClientProtocol) -> None:
+        if self._client is None:
+            link.close()  # withdrawn while UPDATE_INFO was on its way
+            return
         self.link = link
         self._put_on = None
+        self.announcement.set(True, self._where())
         log.info(
             "registered with tracker {host}:{port} as server:{key}",
             host=self.tracker[0],
@@ -135,10 +185,11 @@ class Registrar(service.Service):
         self._register()
 
     def _lost(self, link: TrackerClientProtocol) -> None:
-        if link is not self.link:
+        if link is not self.link or self._client is None:
             return
         self.link = None
         self._put_on = None
+        self.announcement.set(False, self._where())
         if self._loop.running:
             self._loop.stop()
         if self.running:
@@ -160,6 +211,8 @@ class Registrar(service.Service):
         """PUT a fresh match key when the board is idle and this link has none."""
         link = self.link
         if link is None or not self.running or self.board.busy:
+            return
+        if self.lifecycle is not None and not self.lifecycle.ready:
             return
         if self.matchkey is not None and self._put_on is link:
             return

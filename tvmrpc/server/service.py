@@ -1,16 +1,29 @@
 """``twistd tvm-server``: options and the service tree.
 
-Start order: worker zygote, then the listening port (or the proxy
-connector), then tracker registration. Stop order (SIGTERM): stop
-registering and accepting, let a running session finish within ``--grace``
-seconds (then abort it), then stop the zygote, so no worker is left.
+Start order: remove stale session directories, start the worker zygote
+(:class:`Supervisor`), open the listening port; the tracker registration
+(or the proxy connection) follows only once the board is advertised (zygote
+warm, health check passed; see :mod:`.lifecycle`). Stop order (SIGTERM):
+stop registering and accepting, let a running session finish within
+``--grace`` seconds (then abort it), then stop the zygote, so no worker is
+left.
+
+Invariants:
+- ``ServerService.readiness`` is the hook for "this board can take a client"
+  (systemd READY=1, a status endpoint's ready 0/1): ``readiness.ready`` and
+  ``readiness.observers`` (``observer(ready, reason)``, once per change). It
+  is true while the board is warm and checked (advertised or busy) and, with
+  ``--tracker`` or ``--through-proxy``, announced there.
+  ``ServerService.lifecycle.observers`` (``observer(old, new, reason)``)
+  sees every change of state.
+- A board that cannot get ready at start-up exits with status 1 after one
+  error line naming cause and fix.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -22,16 +35,19 @@ from ..listening import ListenOptions, listening_service, parse_hostport
 from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .adapter import WorkerConfig, ZygoteRuntime
-from .board import Board
+from .board import Board, session_root
 from .handshake import HandshakeFactory
+from .lifecycle import Lifecycle, Readiness, State
 from .registrar import Registrar
+from .session_dirs import remove_stale
+from .supervisor import Supervisor
 from .through_proxy import ProxyConnector
 
 log = Logger(namespace="tvmrpc.server")
 
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
-EXIT_DUPLICATE_KEY = 2
+EXIT_NOT_READY = 1
 
 
 class Options(ListenOptions, StatusOptions):
@@ -47,9 +63,21 @@ class Options(ListenOptions, StatusOptions):
     )
     optFlags = [
         ["through-proxy", None, "Connect out to the proxy at --host/--port instead of listening."],
+        [
+            "no-fork",
+            None,
+            "Accepted for stock compatibility; sessions always run in a worker process here "
+            "(forked from a warm zygote), which is what keeps a crashing kernel from "
+            "taking the server down.",
+        ],
     ]
     optParameters = [
-        ["key", None, "", "The device key clients request."],
+        [
+            "key",
+            None,
+            "",
+            "The device key clients request (required with --tracker, --through-proxy).",
+        ],
         ["tracker", None, None, "Register at the tracker HOST:PORT."],
         ["custom-addr", None, None, "Address the tracker hands to clients (default: ours)."],
         ["load-library", None, None, "Colon-separated shared libraries loaded in each worker."],
@@ -57,6 +85,20 @@ class Options(ListenOptions, StatusOptions):
         ["handshake-timeout", None, 5.0, "Seconds a client may take to send its handshake.", float],
         ["grace", None, 5.0, "Seconds a running session may finish after SIGTERM.", float],
         ["workdir", None, None, "Parent directory of session directories (default: $TMPDIR)."],
+        [
+            "max-session-seconds",
+            None,
+            None,
+            "Cap sessions that asked for no -timeout at this many seconds (default: no cap).",
+            float,
+        ],
+        [
+            "session-memory-limit",
+            None,
+            None,
+            "Address-space limit (RLIMIT_AS) of each session's worker, in bytes "
+            "(suffixes K, M, G; default: none).",
+        ],
     ]
 
     def opt_init(self, module: str) -> None:
@@ -67,6 +109,14 @@ class Options(ListenOptions, StatusOptions):
         self.setdefault("init-modules", [])  # type: ignore[attr-defined]
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
+        if (self["tracker"] or self["through-proxy"]) and not self["key"]:
+            link = "--tracker" if self["tracker"] else "--through-proxy"
+            raise usage.UsageError(
+                f"{link} needs --key: the key clients request this board by (e.g. --key rasp4b)"
+            )
+        if self["max-session-seconds"] is not None and self["max-session-seconds"] <= 0:
+            raise usage.UsageError("--max-session-seconds must be positive")
+        self["session-memory-limit"] = parse_bytes(self["session-memory-limit"])
         if self["tracker"]:
             self["tracker"] = parse_hostport(self["tracker"])
         libraries = []
@@ -83,25 +133,58 @@ class Options(ListenOptions, StatusOptions):
                 raise usage.UsageError("--through-proxy and --listen exclude each other")
 
 
+def parse_bytes(value: str | None) -> int:
+    """``--session-memory-limit`` value: bytes, or a number with K, M or G (0: none)."""
+    if not value:
+        return 0
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    try:
+        amount = int(float(text) * scale)
+    except ValueError:
+        raise usage.UsageError(
+            f"--session-memory-limit wants bytes (e.g. 2G or 2147483648), got {value!r}"
+        ) from None
+    if amount < 64 << 20:
+        raise usage.UsageError(
+            "--session-memory-limit below 64M leaves a worker no room to load the runtime"
+        )
+    return amount
+
+
+def _log_readiness(ready: bool, reason: str) -> None:
+    if ready:
+        log.info("board can take clients ({reason})", reason=reason)
+    else:
+        log.info("board cannot take clients ({reason})", reason=reason)
+
+
 class ServerService(service.MultiService):
     """The server's services; stops them in order (see the module docstring)."""
 
-    def __init__(self, board: Board, runtime: ZygoteRuntime, grace: float) -> None:
+    def __init__(
+        self, board: Board, runtime: ZygoteRuntime, lifecycle: Lifecycle, grace: float
+    ) -> None:
         super().__init__()
         self.board = board
         self.runtime = runtime
+        self.lifecycle = lifecycle
+        self.readiness: Readiness | None = None  # set by makeService once links are known
+        self.supervisor: Supervisor | None = None  # ``supervisor.health``: checks run, last ok
         self.grace = grace
 
-    def startService(self) -> None:
-        self.runtime.start()
-        super().startService()
-
-    @defer.inlineCallbacks
-    def stopService(self) -> Any:
-        yield super().stopService()
-        yield self.board.close(self.grace)
-        yield self.runtime.stop()
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.board.close(self.grace)
+        await self.runtime.stop()
+        self.board.session_root.close()
         log.info("tvm-server stopped")
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.lifecycle.stop()
+        return defer.Deferred.fromCoroutine(self._stop())
 
 
 def makeService(options: Options) -> service.IService:
@@ -114,10 +197,28 @@ def makeService(options: Options) -> service.IService:
         load_libraries=tuple(options["load-libraries"]),
         init_modules=tuple(options["init-modules"]),
         env=_worker_env(),
+        memory_limit=options["session-memory-limit"],
     )
+    workdir = options["workdir"] or session_root()
+    for stale in remove_stale(workdir):
+        log.info("removed stale session directory {path}", path=stale)
     runtime = ZygoteRuntime(reactor, config)
-    board = Board(reactor, runtime, workdir=options["workdir"])
-    top = ServerService(board, runtime, options["grace"])
+    lifecycle = Lifecycle()
+    board = Board(
+        reactor,
+        runtime,
+        workdir=workdir,
+        lifecycle=lifecycle,
+        max_session_seconds=options["max-session-seconds"],
+    )
+    top = ServerService(board, runtime, lifecycle, options["grace"])
+    top.supervisor = Supervisor(
+        reactor,
+        runtime,
+        lifecycle,
+        on_failed=lambda _: stop_with_exit_code(reactor, EXIT_NOT_READY),
+    )
+    top.supervisor.setServiceParent(top)
     key = options["key"]
     from ..status.server import ServerStatus, status_service
 
@@ -133,24 +234,43 @@ def makeService(options: Options) -> service.IService:
     )
 
     def ready_when_warm(status: str) -> None:
-        runtime.ready().addCallback(lambda _: notify.ready(status))
+        """READY=1 with ``status`` once the board is warm and its health check passed."""
+        if lifecycle.serving:
+            notify.ready(status)
+            return
+
+        def once_advertised(old: State, new: State, reason: str) -> None:
+            if new is State.ADVERTISED:
+                lifecycle.observers.remove(once_advertised)
+                notify.ready(status)
+
+        lifecycle.observers.append(once_advertised)
 
     if options["through-proxy"]:
-        connector = ProxyConnector(reactor, board, key, (options["host"], options["port"]))
-        connector.fatal.addCallback(lambda _: stop_with_exit_code(reactor, EXIT_DUPLICATE_KEY))
+        connector = ProxyConnector(
+            reactor, board, key, (options["host"], options["port"]), lifecycle=lifecycle
+        )
         connector.waiting_observers.append(
             lambda: ready_when_warm(
                 "waiting at proxy {}:{} as server:{}".format(*connector.proxy, key)
             )
         )
         connector.setServiceParent(top)
+        top.readiness = Readiness(lifecycle, connector.announcement)
+        top.readiness.observers.append(_log_readiness)
         return top
 
     registrar: Registrar | None = None
     if options["tracker"]:
         port_d: defer.Deferred[int] = defer.Deferred()
         registrar = Registrar(
-            reactor, board, key, options["tracker"], port_d, custom_addr=options["custom-addr"]
+            reactor,
+            board,
+            key,
+            options["tracker"],
+            port_d,
+            custom_addr=options["custom-addr"],
+            lifecycle=lifecycle,
         )
         registrar.extension = status.extension
         matcher = registrar.claim
@@ -159,6 +279,8 @@ def makeService(options: Options) -> service.IService:
         def matcher(matchkey: str) -> bool:
             return matchkey == key
 
+    top.readiness = Readiness(lifecycle, registrar.announcement if registrar else None)
+    top.readiness.observers.append(_log_readiness)
     factory = HandshakeFactory(reactor, board, key, matcher, options["handshake-timeout"])
     listener = listening_service(
         reactor, factory, "tvm-server", options, DEFAULT_PORT, DEFAULT_PORT_END

@@ -1,14 +1,24 @@
 """Proxy mode (``--through-proxy``): connect out to a proxy and wait to be paired.
 
 Invariants:
-- At most one outbound connection exists, and only while the board is idle
-  and a worker is warm; it sends ``server:<key> -tvmrpc-peer`` in one write
-  (the option asks our proxy for the client's address; stock proxies pass it on).
+- At most one outbound connection exists, and only while the board is
+  advertised (warm, checked) and idle; it sends ``server:<key> -tvmrpc-peer``
+  in one write (the option asks our proxy for the client's address; stock
+  proxies pass it on). When the board is withdrawn the waiting connection is
+  closed, so the proxy pairs no client with it.
 - A success answer carries the client's key (with its ``-timeout``); that
   connection becomes the board's session. The next connection is made when
   the board is idle again.
-- Duplicate key: a clear error and :attr:`fatal` fires (the daemon exits
-  non-zero). No-match, refused or closed: retry with exponential backoff.
+- Every failure (refused, connect timeout after ``connect_timeout`` seconds,
+  duplicate key, no match, closed, a peer that is not a TVM proxy) is retried
+  with Twisted's ``backoffPolicy``; nothing makes the daemon exit. Failures
+  are logged at warn on the first one and then at most once per
+  ``log_interval`` with the retry delay.
+- ``announcement.up`` is true while a connection waits at the proxy or the
+  client it paired is served; false after any failure or withdrawal.
+- A waiting connection has no answer timeout: the proxy answers only when a
+  client pairs, so silence is normal; TCP keepalive (``--dead-peer-timeout``)
+  detects a proxy that vanished.
 """
 
 from __future__ import annotations
@@ -19,9 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -34,15 +45,21 @@ from ..codec import (
     encode_handshake,
     parse_key,
 )
+from ..ratelimit import RateLimit
 from ..status.peeraddr import ASK, told
 from .board import Board
 from .handshake import detach
+from .lifecycle import Announcement, Lifecycle, State
 
 log = Logger(namespace="tvmrpc.server.proxy")
 
 
 class DuplicateKeyError(Exception):
     """Another server already waits at the proxy under this key."""
+
+
+class NotAProxyError(Exception):
+    """The peer answered something that is not the TVM RPC handshake."""
 
 
 def answer_bytes_missing(seen: bytes) -> int:
@@ -88,7 +105,7 @@ class _ProxyLeg(protocol.Protocol):
         try:
             result = self.decoder.feed(data)
         except CodecError as exc:
-            self._fail(ConnectionError(f"bad answer from proxy: {exc}"))
+            self._fail(NotAProxyError(f"not a TVM proxy (it answered: {exc}); check --host/--port"))
             return
         if result is None:
             self._seen += data
@@ -116,7 +133,7 @@ class _ProxyLeg(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         if not self.answered.called:
-            error = ConnectionError(f"proxy closed: {reason.getErrorMessage()}")
+            error = ConnectionError(f"closed before answering ({reason.getErrorMessage()})")
             self.answered.errback(Failure(error))
 
     def _fail(self, exc: Exception) -> None:
@@ -137,9 +154,11 @@ class _ProxyLeg(protocol.Protocol):
 
 
 class ProxyConnector(service.Service):
-    """Keeps one connection waiting at the proxy while the board is idle."""
+    """Keeps one connection waiting at the proxy while the board is advertised and idle."""
 
     name = "tvm-server proxy connector"
+    #: A waiting connection that lasted longer than this ended normally, not by a fault.
+    LONG_WAIT = 30.0
 
     def __init__(
         self,
@@ -147,52 +166,98 @@ class ProxyConnector(service.Service):
         board: Board,
         key: str,
         proxy: tuple[str, int],
+        lifecycle: Lifecycle | None = None,
         initial_delay: float = 0.5,
         max_delay: float = 30.0,
+        connect_timeout: float = 10.0,
+        log_interval: float = 60.0,
     ) -> None:
         self.reactor = reactor
         self.board = board
         self.key = key
         self.proxy = proxy
-        self.initial_delay = initial_delay
-        self.max_delay = max_delay
-        self.delay = initial_delay
-        self.fatal: defer.Deferred[str] = defer.Deferred()
+        self.lifecycle = lifecycle
+        self.retry_policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay)
+        self.connect_timeout = connect_timeout
+        self.report = RateLimit(log_interval)
+        self.announcement = Announcement()
+        self.failures = 0
         self._leg: _ProxyLeg | None = None
+        self._leg_since = 0.0
         self._pending: Any = None
         self._retry: Any = None
         #: Called each time a connection waits at the proxy (the board is then idle and warm).
         self.waiting_observers: list[Callable[[], None]] = []
         board.idle_observers.append(self._maybe_connect)
+        if lifecycle is not None:
+            lifecycle.observers.append(self._state_changed)
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self.board.runtime.ready().addCallback(lambda _: self._maybe_connect())
+        if self.lifecycle is None:
+            self.board.runtime.ready().addCallback(lambda _: self._maybe_connect())
+        else:
+            self._maybe_connect()
 
     def stopService(self) -> None:
         service.Service.stopService(self)
+        self._disconnect()
+
+    def _state_changed(self, old: State, new: State, reason: str) -> None:
+        if new is State.ADVERTISED:
+            self._maybe_connect()
+        elif new in (State.WITHDRAWN, State.FAILED, State.CHECKING):
+            self._disconnect(f"board {new.value}")
+
+    def _where(self) -> str:
+        return f"proxy {self.proxy[0]}:{self.proxy[1]}"
+
+    def _disconnect(self, why: str | None = None) -> None:
+        """Drop the waiting connection; with ``why``, log once it is really closed."""
+
+        def left(_: object) -> None:
+            if why is not None:
+                log.info("left proxy {where}: {why}", where=self._where()[len("proxy ") :], why=why)
+
+        self.announcement.set(False, self._where())
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        if self._pending is not None:
-            self._pending.cancel()
-        if self._leg is not None and self._leg.transport is not None and not self._leg.handed:
-            self._leg.transport.abortConnection()
+        self._retry = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            left(None)
+        leg, self._leg = self._leg, None
+        if leg is not None and leg.transport is not None and not leg.handed:
+            leg.answered.addBoth(left)  # runs from connectionLost: the socket is closed
+            leg.transport.abortConnection()
+
+    def _advertised(self) -> bool:
+        return self.lifecycle.ready if self.lifecycle is not None else self.board.runtime.is_ready
 
     def _maybe_connect(self) -> None:
         if not self.running or self.board.busy or self._leg is not None or self._pending:
+            return
+        if not self._advertised():
             return
         if self._retry is not None and self._retry.active():
             return
         host, port = self.proxy
         leg = _ProxyLeg(self.key)
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=10)
-        self._pending = connectProtocol(endpoint, leg)
-        self._pending.addCallback(self._connected)
-        self._pending.addErrback(self._failed)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        pending = connectProtocol(endpoint, leg)
+        self._pending = pending
+        pending.addCallback(self._connected, pending)
+        pending.addErrback(self._failed, None)
 
-    def _connected(self, leg: _ProxyLeg) -> defer.Deferred[None]:
+    def _connected(self, leg: _ProxyLeg, pending: Any) -> defer.Deferred[None] | None:
+        if pending is not self._pending:
+            leg.transport.abortConnection()  # withdrawn or stopped meanwhile
+            return None
         self._pending = None
         self._leg = leg
+        self._leg_since = self.reactor.seconds()
+        self.announcement.set(True, self._where())
         log.info(
             "waiting at proxy {host}:{port} as server:{key}",
             host=self.proxy[0],
@@ -201,29 +266,69 @@ class ProxyConnector(service.Service):
         )
         for observer in list(self.waiting_observers):
             observer()
-        return leg.answered.addCallback(self._paired)
+        return leg.answered.addCallbacks(self._paired, self._failed, errbackArgs=(leg,))
 
     def _paired(self, leg: _ProxyLeg) -> None:
         self._leg = None
-        self.delay = self.initial_delay
+        if self.failures:
+            log.info(
+                "proxy {host}:{port}: paired with a client after {n} failed attempts",
+                host=self.proxy[0],
+                port=self.proxy[1],
+                n=self.failures,
+            )
+        self.failures = 0
+        self.report.reset()
         self.board.offer(leg)
 
-    def _failed(self, failure: Failure) -> None:
-        self._pending = None
-        self._leg = None
-        if not self.running:
+    def _failed(self, failure: Failure, leg: _ProxyLeg | None) -> None:
+        if leg is None:
+            self._pending = None
+        elif leg is not self._leg:
+            return  # a connection we dropped ourselves
+        else:
+            self._leg = None
+        if not self.running or failure.check(defer.CancelledError):
             return
-        if failure.check(DuplicateKeyError):
-            log.error("{err}: another server uses this key; exiting", err=failure.getErrorMessage())
-            if not self.fatal.called:
-                self.fatal.callback(failure.getErrorMessage())
+        waited = self.reactor.seconds() - self._leg_since if leg is not None else 0.0
+        if waited > self.LONG_WAIT and not failure.check(DuplicateKeyError, NotAProxyError):
+            # The proxy let a long wait go (its --timeout-server, a restart): routine.
+            log.info(
+                "proxy {host}:{port} ended our {secs:.0f}s wait ({err}); reconnecting",
+                host=self.proxy[0],
+                port=self.proxy[1],
+                secs=waited,
+                err=failure.getErrorMessage(),
+            )
+            self.failures = 0
+            self.report.reset()
+            self._maybe_connect()
             return
-        log.warn(
-            "proxy {host}:{port}: {err}; retrying in {delay:.1f}s",
-            host=self.proxy[0],
-            port=self.proxy[1],
-            err=failure.getErrorMessage(),
-            delay=self.delay,
+        self.announcement.set(False, self._where())
+        delay = self.retry_policy(self.failures)
+        self.failures += 1
+        held = self.report.event(self.reactor.seconds())
+        if held is not None:
+            log.warn(
+                "proxy {host}:{port}: {err}; retrying in {delay:.1f}s{more}",
+                host=self.proxy[0],
+                port=self.proxy[1],
+                err=describe_failure(failure),
+                delay=delay,
+                more=f" ({held} similar failures not logged)" if held else "",
+            )
+        self._retry = self.reactor.callLater(delay, self._maybe_connect)
+
+
+def describe_failure(failure: Failure) -> str:
+    """One line for the operator: what went wrong at the proxy and what to do."""
+    if failure.check(DuplicateKeyError):
+        return (
+            f"{failure.getErrorMessage()} (another server holds it; "
+            "it is retried until that one leaves)"
         )
-        self._retry = self.reactor.callLater(self.delay, self._maybe_connect)
-        self.delay = min(self.delay * 2, self.max_delay)
+    if failure.check(NotAProxyError):
+        return failure.getErrorMessage()
+    if failure.check(ConnectError, DNSLookupError):
+        return f"unreachable ({failure.getErrorMessage()}): is tvm-proxy running there?"
+    return failure.getErrorMessage()

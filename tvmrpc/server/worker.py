@@ -24,8 +24,13 @@ Control channel: the daemon passes a connected UNIX stream socket as fd 3
 
 Invariants: a worker runs exactly one session (``rpc.ServerLoop`` on the fd)
 in its own process group (so the daemon can kill its whole tree) with its
-session directory as cwd, then exits. When the control channel closes the
-zygote kills the workers it still has and exits.
+session directory as cwd, then exits. When a worker (session, spare or
+health check) is reaped, its whole process group is killed: nothing a kernel
+forked outlives its session. A session's directory is removed by the
+zygote once its worker is reaped (before ``exited`` is sent), so the daemon's
+reactor never walks it. When the control channel closes the zygote
+kills the workers it still has and exits. A start-up failure is reported as
+one line (cause and fix), never as a traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import importlib.util
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -95,6 +101,118 @@ def load_runtime(library: Path) -> Any:
                 sys.modules.pop(name, None)  # later imports (--init modules) may try again
     ctypes.CDLL(str(library), ctypes.RTLD_GLOBAL)
     return tvm_ffi
+
+
+class NotReadyError(Exception):
+    """The runtime, a library or an init module cannot be loaded; the message says what to do."""
+
+
+def load_runtime_or_explain(explicit: str | None) -> Any:
+    """:func:`load_runtime` with every failure turned into one line naming cause and fix."""
+    try:
+        library = find_runtime_library(explicit)
+    except FileNotFoundError as exc:
+        raise NotReadyError(
+            f"{exc}: install apache-tvm on this board or pass --runtime-library PATH"
+        ) from None
+    try:
+        return load_runtime(library)
+    except ImportError as exc:
+        raise NotReadyError(
+            f"cannot import tvm_ffi ({exc}): install apache-tvm-ffi for {sys.executable}"
+        ) from None
+    except OSError as exc:
+        raise NotReadyError(
+            f"cannot load the runtime library {library} ({_one_line(exc)}): install what it "
+            "needs (e.g. libstdc++) or pass a --runtime-library built for this board"
+        ) from None
+
+
+def prepare_worker(args: argparse.Namespace) -> None:
+    """Load every ``--load-library`` and import every ``--init`` module (errors: one line)."""
+    for library in args.load_library:
+        try:
+            ctypes.CDLL(library, ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise NotReadyError(
+                f"--load-library {library} cannot be loaded ({_one_line(exc)}): "
+                "pass a shared library built for this board"
+            ) from None
+    for module in args.init:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # noqa: BLE001 - any failure of user code
+            raise NotReadyError(
+                f"--init {module} failed ({type(exc).__name__}: {_one_line(exc)}): "
+                f"fix the module or make it importable (PYTHONPATH), or drop --init {module}"
+            ) from None
+
+
+def self_test(tvm_ffi: Any) -> None:
+    """Serve one loopback RPC session with ``rpc.ServerLoop`` and call a packed function.
+
+    The server side runs in a forked child (the loop blocks); this process is
+    the client (``rpc.Connect``). Raises :class:`NotReadyError` on any failure.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+    except OSError as exc:
+        listener.close()
+        raise NotReadyError(
+            f"health check needs the loopback interface 127.0.0.1 ({exc}): "
+            "bring it up (ip link set lo up)"
+        ) from None
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            magic, length = struct.unpack("<ii", conn.recv(8, socket.MSG_WAITALL))
+            conn.recv(length, socket.MSG_WAITALL)
+            key = b"server:health-check"
+            conn.sendall(struct.pack("<ii", magic, len(key)) + key)
+            conn.setblocking(True)
+            tvm_ffi.get_global_func("rpc.ServerLoop")(conn.detach())
+            code = 0
+        finally:
+            os._exit(code)
+    listener.close()
+    try:
+        session = tvm_ffi.get_global_func("rpc.Connect")("127.0.0.1", port, "client:check", False)
+        echo = session.get_function("ffi.String")
+        answer = echo("health-check")
+        del echo, session
+        if answer != "health-check":
+            raise NotReadyError(f"health check: the RPC loop answered {answer!r}")
+    except NotReadyError:
+        kill_group(pid)
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any runtime failure
+        kill_group(pid)
+        hint = ""
+        if "Connect to 127.0.0.1" in str(exc):
+            hint = ": is the loopback interface up? (ip link set lo up)"
+        raise NotReadyError(
+            f"health check failed: the runtime's RPC loop did not answer "
+            f"({type(exc).__name__}: {_one_line(exc)}){hint}"
+        ) from None
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise NotReadyError(
+            f"health check failed: the RPC server loop exited with "
+            f"{os.waitstatus_to_exitcode(status)}"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def probe_str_type_index(tvm_ffi: Any) -> int:
@@ -217,8 +335,10 @@ class Zygote:
         self.fds: list[int] = []
         self.children: dict[int, int] = {}  # pid -> session id
         self.done_pipes: dict[int, tuple[int, int]] = {}  # read fd -> (session id, pid)
+        self.checks: dict[int, tuple[int, int]] = {}  # pid -> (check id, verdict pipe)
+        self.session_dirs: dict[int, str] = {}  # pid -> its session directory
         self.spare: Spare | None = None
-        self.spare_due: float | None = 0.0
+        self.spare_due: float | None = None  # the first spare follows a passed health check
 
     def send(self, message: dict[str, Any]) -> None:
         self.control.sendall(json.dumps(message).encode() + b"\n")
@@ -265,7 +385,52 @@ class Zygote:
             message = json.loads(line)
             if message.get("cmd") == "serve":
                 self.serve(message["id"], message["dir"], self.fds.pop(0))
+            elif message.get("cmd") == "check":
+                self.check(message["id"])
         return True
+
+    def check(self, check_id: int) -> None:
+        """Fork a health-check worker; its verdict comes back through a pipe when reaped."""
+        verdict_r, verdict_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()
+                self._child_reset()
+                os.close(verdict_r)
+                try:
+                    prepare_worker(self.args)
+                    if self.args.memory_limit:  # a session's limit must leave room to serve
+                        limit_memory(self.args.memory_limit)
+                    self_test(self.tvm_ffi)
+                    code = 0
+                except NotReadyError as exc:
+                    message = str(exc)
+                    if self.args.memory_limit:
+                        message += (
+                            f" (under --session-memory-limit {self.args.memory_limit}: "
+                            "if that is too low for the runtime, raise it)"
+                        )
+                    os.write(verdict_w, message.encode()[:4000])
+            finally:
+                os._exit(code)
+        os.close(verdict_w)
+        os.set_blocking(verdict_r, False)
+        self.checks[pid] = (check_id, verdict_r)
+
+    def _child_reset(self) -> None:
+        """In a forked child: default signal handling, none of the zygote's descriptors."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        self.control.close()
+        for fd in [*self.fds, *self.done_pipes]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for _, verdict in self.checks.values():
+            with contextlib.suppress(OSError):
+                os.close(verdict)
 
     def fork_spare(self) -> None:
         """Fork the next worker; it loads libraries and init modules, then waits."""
@@ -276,13 +441,9 @@ class Zygote:
             code = 1
             try:
                 os.setsid()
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGCHLD, signal.SIGTERM):
-                    signal.signal(signum, signal.SIG_DFL)
-                self.control.close()
+                self._child_reset()
                 ours.close()
-                for fd in [*self.fds, *self.done_pipes, done_r]:
-                    os.close(fd)
+                os.close(done_r)
                 code = spare_main(self.tvm_ffi, theirs, done_w, self.args)
             except BaseException:  # noqa: BLE001 - report, then exit below
                 traceback.print_exc()
@@ -309,6 +470,7 @@ class Zygote:
             os.close(fd)
             spare.channel.close()
         self.children[spare.pid] = session_id
+        self.session_dirs[spare.pid] = root
         self.done_pipes[spare.done] = (session_id, spare.pid)
         self.send({"event": "started", "id": session_id, "pid": spare.pid})
         self.spare_due = time.monotonic()
@@ -329,6 +491,10 @@ class Zygote:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
+            kill_group(pid)  # whatever the worker forked dies with it
+            if pid in self.checks:
+                self.checked(pid, code)
+                continue
             if self.spare is not None and pid == self.spare.pid:
                 self.spare.channel.close()
                 os.close(self.spare.done)
@@ -336,34 +502,55 @@ class Zygote:
                 self.spare_due = time.monotonic() + self.respawn_delay
                 self.send({"event": "spare-failed", "pid": pid, "code": code})
                 continue
+            session_dir = self.session_dirs.pop(pid, None)
+            if session_dir is not None:  # here, not in the daemon's reactor thread
+                shutil.rmtree(session_dir, ignore_errors=True)
             session_id = self.children.pop(pid, None)
             if session_id is not None:
                 self.send({"event": "exited", "id": session_id, "pid": pid, "code": code})
 
+    def checked(self, pid: int, code: int) -> None:
+        check_id, verdict_r = self.checks.pop(pid)
+        try:
+            error = os.read(verdict_r, 4096).decode("utf-8", "replace")
+        except OSError:
+            error = ""
+        os.close(verdict_r)
+        if code != 0 and not error:
+            how = f"signal {-code}" if code < 0 else f"exit {code}"
+            error = f"health check failed: the check worker died ({how}); see its output above"
+        if code == 0 and self.spare is None and self.spare_due is None:
+            self.spare_due = time.monotonic()
+        self.send({"event": "checked", "id": check_id, "ok": code == 0, "error": error})
+
     def shutdown(self, code: int) -> None:
-        pids = list(self.children) + ([self.spare.pid] if self.spare else [])
+        pids = [*self.children, *self.checks] + ([self.spare.pid] if self.spare else [])
         for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+            kill_group(pid)
         os._exit(code)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (a worker called setsid), or the process."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def spare_main(tvm_ffi: Any, channel: socket.socket, done_w: int, args: argparse.Namespace) -> int:
     """Body of a forked worker: prepare, wait for a session socket, serve it, say done."""
     try:
-        for library in args.load_library:
-            ctypes.CDLL(library, ctypes.RTLD_GLOBAL)
-        for module in args.init:
-            importlib.import_module(module)
-    except BaseException:  # noqa: BLE001 - report and exit; the zygote retries later
-        traceback.print_exc()
+        prepare_worker(args)
+    except NotReadyError as exc:  # report and exit; the zygote retries later
+        print(f"worker not ready: {exc}", file=sys.stderr)
         return 4
     data, fds, _flags, _addr = socket.recv_fds(channel, 65536, 1)
     channel.close()
     if not data or not fds:
         return 0  # the zygote went away before a session came
+    if args.memory_limit:
+        limit_memory(args.memory_limit)
     code = run_session(tvm_ffi, fds[0], json.loads(data)["dir"])
     os.write(done_w, b"d")
     return code
@@ -375,16 +562,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runtime-library", default=None)
     parser.add_argument("--load-library", action="append", default=[])
     parser.add_argument("--init", action="append", default=[])
+    parser.add_argument("--memory-limit", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def limit_memory(limit: int) -> None:
+    """Cap this worker's address space (RLIMIT_AS): allocations past it fail cleanly."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     try:
-        tvm_ffi = load_runtime(find_runtime_library(args.runtime_library))
-    except BaseException as exc:  # noqa: BLE001 - tell the daemon why, then exit
-        traceback.print_exc()
+        tvm_ffi = load_runtime_or_explain(args.runtime_library)
+    except NotReadyError as exc:  # tell the daemon why in one line, then exit
         with contextlib.suppress(OSError):
             control.sendall(json.dumps({"event": "failed", "error": str(exc)}).encode() + b"\n")
         return 2

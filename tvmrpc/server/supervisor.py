@@ -1,0 +1,164 @@
+"""Drives the server's :class:`Lifecycle` from what the worker zygote does.
+
+- Zygote warm → health check in a fresh worker → advertised (or withdrawn/failed).
+- A session ended by a crash → health check again before the next client.
+- Zygote died after start-up → withdrawn; restarted with Twisted's
+  ``backoffPolicy``; warm again → checked → advertised.
+- Zygote or health check failed at start-up → failed: one error line naming
+  cause and fix, then ``on_failed`` (the daemon exits with status 1).
+
+Invariants:
+- Every change of state is logged once (warn when the board leaves service,
+  info when it comes back); a retry that fails for the same reason is logged
+  at debug only.
+- Restart delays come from ``backoffPolicy`` and start over once the board
+  is advertised again.
+- A zygote that is not warm within ``warm_timeout`` seconds is killed and
+  counts as lost (failed at start-up, withdrawn later).
+- After ``stopService`` nothing is restarted or checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import backoffPolicy
+from twisted.logger import Logger
+
+from .adapter import IDeviceRuntime
+from .lifecycle import InvalidTransitionError, Lifecycle, State
+
+log = Logger(namespace="tvmrpc.server")
+
+
+class Supervisor(service.Service):
+    """Starts the zygote, runs health checks, restarts it with backoff."""
+
+    name = "tvm-server supervisor"
+
+    def __init__(
+        self,
+        reactor: Any,
+        runtime: IDeviceRuntime,
+        lifecycle: Lifecycle,
+        on_failed: Callable[[str], None],
+        initial_delay: float = 1.0,
+        max_delay: float = 60.0,
+        warm_timeout: float = 60.0,
+    ) -> None:
+        self.reactor = reactor
+        self.runtime = runtime
+        self.lifecycle = lifecycle
+        self.on_failed = on_failed
+        self.retry_policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay)
+        self.attempts = 0
+        self.warm_timeout = warm_timeout
+        self._warm_timer: Any = None
+        self._timer: Any = None
+        self._check_started = 0.0
+        self._next_delay: float | None = None  # announced in the log, used by _later
+        self._withdrawn_for: str | None = None  # the cause last logged at warn
+        #: Health checks run since start and whether the last one passed (for reports).
+        self.health: dict[str, Any] = {"checks": 0, "ok": None}
+        runtime.warm_observers.append(self._warm)
+        runtime.lost_observers.append(self._lost)
+        lifecycle.observers.append(self._state_changed)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        # A SIGTERM to the whole process group reaches the zygote too; once the
+        # reactor is shutting down its death is part of stopping, not a failure.
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.lifecycle.stop)
+        self._start()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        for timer in (self._timer, self._warm_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.lifecycle.stop()
+
+    def _start(self) -> None:
+        """Start the zygote; one that is not warm within ``warm_timeout`` is killed."""
+        self._cancel_warm_timer()
+        self._warm_timer = self.reactor.callLater(self.warm_timeout, self._not_warm)
+        self.runtime.start()
+
+    def _not_warm(self) -> None:
+        self._warm_timer = None
+        self.runtime.abandon(
+            f"the worker zygote did not get warm within {self.warm_timeout:g}s "
+            "(a runtime load that hangs?); see its output above"
+        )
+
+    def _cancel_warm_timer(self) -> None:
+        if self._warm_timer is not None and self._warm_timer.active():
+            self._warm_timer.cancel()
+        self._warm_timer = None
+
+    # -- events from the runtime ---------------------------------------------------
+
+    def _warm(self) -> None:
+        self._cancel_warm_timer()
+        try:
+            self.lifecycle.warm()
+        except InvalidTransitionError as exc:
+            log.warn("ignored: {exc}", exc=exc)
+
+    def _lost(self, reason: str) -> None:
+        self._cancel_warm_timer()
+        self.lifecycle.zygote_lost(reason)
+        if self.running and self.lifecycle.state is State.WITHDRAWN:
+            self._later(self._start)
+
+    # -- reactions to changes of state ---------------------------------------------
+
+    def _state_changed(self, old: State, new: State, reason: str) -> None:
+        if new is State.CHECKING:
+            self._check_started = self.reactor.seconds()
+            self.runtime.check().addCallback(self._checked)
+        elif new is State.ADVERTISED and old is State.CHECKING:
+            self.attempts = 0
+            self._withdrawn_for = None
+            log.info(
+                "board ready: health check passed in {ms:.0f} ms",
+                ms=1000 * (self.reactor.seconds() - self._check_started),
+            )
+        elif new is State.WITHDRAWN:
+            self._next_delay = self.retry_policy(self.attempts)
+            # A retry that fails the same way is not news: one warn per cause.
+            emit = log.debug if reason == self._withdrawn_for else log.warn
+            self._withdrawn_for = reason
+            emit(
+                "board withdrawn, no client is given to it: {reason}; retrying in {delay:.1f}s",
+                reason=reason,
+                delay=self._next_delay,
+            )
+        elif new is State.FAILED:
+            log.error("tvm-server cannot serve: {reason}", reason=reason)
+            self.on_failed(reason)
+
+    def _checked(self, error: str | None) -> None:
+        self.health = {"checks": self.health["checks"] + 1, "ok": error is None}
+        if self.lifecycle.state is not State.CHECKING:
+            return  # the zygote died meanwhile, or we are stopping
+        if error is None:
+            self.lifecycle.check_passed()
+            return
+        self.lifecycle.check_failed(error)
+        if self.running and self.lifecycle.state is State.WITHDRAWN:
+            self._later(self._recheck)
+
+    def _recheck(self) -> None:
+        if self.lifecycle.state is State.WITHDRAWN and self.runtime.is_ready:
+            self.lifecycle.warm()  # still warm: check it again
+
+    def _later(self, action: Callable[[], None]) -> None:
+        delay, self._next_delay = self._next_delay or self.retry_policy(self.attempts), None
+        self.attempts += 1
+        log.debug("retrying in {delay:.1f}s", delay=delay)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(delay, action)
