@@ -57,6 +57,8 @@ from typing import Any
 #: Modules kept out of the zygote while tvm_ffi loads (it imports numpy if it can).
 BLOCKED_WHILE_LOADING = ("numpy", "ml_dtypes", "torch", "cloudpickle", "tornado")
 RUNTIME_NAME = "libtvm_runtime.so"
+#: A health-check worker still running after this long is killed by SIGALRM.
+CHECK_ALARM_SECONDS = 25
 
 
 class PathEscapeError(ValueError):
@@ -399,6 +401,9 @@ class Zygote:
                 os.setsid()
                 self._child_reset()
                 os.close(verdict_r)
+                # A check that hangs dies (SIGALRM) before the daemon's own 30 s
+                # timeout; the reaper then kills its whole group.
+                signal.alarm(CHECK_ALARM_SECONDS)
                 try:
                     prepare_worker(self.args)
                     if self.args.memory_limit:  # a session's limit must leave room to serve
@@ -516,7 +521,9 @@ class Zygote:
         except OSError:
             error = ""
         os.close(verdict_r)
-        if code != 0 and not error:
+        if code == -signal.SIGALRM and not error:
+            error = f"health check failed: no answer within {CHECK_ALARM_SECONDS}s"
+        elif code != 0 and not error:
             how = f"signal {-code}" if code < 0 else f"exit {code}"
             error = f"health check failed: the check worker died ({how}); see its output above"
         if code == 0 and self.spare is None and self.spare_due is None:
