@@ -350,6 +350,7 @@ class ZygoteRuntime:
             entry.done.callback(-signal.SIGKILL)
         if not self._stopping:
             self.restarts += 1  # the supervisor restarts it with backoff
+            log.info("worker zygote gone ({how}); the supervisor restarts it", how=how)
             reason = self._failure or f"worker zygote died ({how}); see its output above"
             for observer in list(self.lost_observers):
                 observer(reason)
