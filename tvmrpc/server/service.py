@@ -223,6 +223,8 @@ def makeService(options: Options) -> service.IService:
     from ..status.server import ServerStatus, status_service
 
     status = ServerStatus(reactor, key, runtime, board)
+    status.ready_source = lambda: top.readiness is not None and top.readiness.ready
+    status.health_source = lambda: top.supervisor.health if top.supervisor else {}
     board.observer = status
     if options["status"]:
         status_service(reactor, options["status"], status).setServiceParent(top)

@@ -54,8 +54,11 @@ class Extension:
     total: int  # sessions ever ended, all outcomes
 
 
-def build_extension(last: LastSession | None, totals: dict[str, int]) -> dict[str, Any]:
-    """The ``"tvmrpc"`` value for UPDATE_INFO."""
+def build_extension(
+    last: LastSession | None, totals: dict[str, int], health: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``"tvmrpc"`` value for UPDATE_INFO; ``health`` is the server's health
+    checks so far, ``{"checks": n, "ok": bool}`` (left out before the first)."""
     value: dict[str, Any] = {
         "version": VERSION,
         "sessions": sum(int(totals.get(outcome, 0)) for outcome in OUTCOMES),
@@ -69,6 +72,9 @@ def build_extension(last: LastSession | None, totals: dict[str, int]) -> dict[st
             "bytes_out": last.bytes_out,
             "client": None if last.client is None else last.client[:MAX_TEXT],
         }
+    checks = _count((health or {}).get("checks"))
+    if checks:
+        value["health"] = {"checks": checks, "ok": (health or {}).get("ok") is True}
     return value
 
 

@@ -103,13 +103,16 @@ function drawQueues(doc) {
     const q = doc.queues[key];
     const waits = q.waiting.map(w => w.client + " p" + w.priority + " " + secs(w.age)).join(", ");
     const out = q.draining + q.maintenance + q.quarantined;
-    const r = row([key, q.free, q.busy, q.withdrawn, out, q.waiting.length, waits]);
+    const wait = q.expected_wait_seconds === null || q.expected_wait_seconds === undefined
+      ? "unknown" : secs(q.expected_wait_seconds);
+    const r = row([key, q.free, q.busy, q.withdrawn, out, q.waiting.length, wait, waits]);
     r.dataset.queue = key;
     return r;
   });
   if (rows.length)
     box.appendChild(table(
-      ["key", "free", "busy", "withdrawn", "out of service", "waiting", "waits"], rows));
+      ["key", "free", "busy", "withdrawn", "out of service", "waiting", "expected wait",
+       "waits"], rows));
 }
 function drawSessions(doc) {
   const box = document.getElementById("sessions");

@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -58,6 +59,10 @@ class ServerStatus:
         self.bytes_out = 0
         self.last: LastSession | None = None
         self._timed_out = False
+        #: Whether the board can take a client (the server's readiness), and
+        #: its health checks ``{"checks": n, "ok": bool}``; set by the service.
+        self.ready_source: Callable[[], bool] | None = None
+        self.health_source: Callable[[], dict[str, Any]] | None = None
 
     # -- hooks --------------------------------------------------------------------
 
@@ -104,9 +109,12 @@ class ServerStatus:
 
     def extension(self) -> dict[str, Any]:
         """The ``"tvmrpc"`` value for this server's next UPDATE_INFO."""
-        return build_extension(self.last, self.outcomes)
+        health = self.health_source() if self.health_source is not None else None
+        return build_extension(self.last, self.outcomes, health)
 
     def _ready(self) -> bool:
+        if self.ready_source is not None:
+            return bool(self.ready_source())
         return bool(self.runtime is not None and self.runtime.is_ready)
 
     def snapshot(self) -> dict[str, Any]:

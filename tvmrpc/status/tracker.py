@@ -140,6 +140,9 @@ class TrackerStatus:
     def __init__(self, clock: Any, scheduler: Any = None) -> None:
         self.clock = clock
         self.scheduler = scheduler
+        #: Each key's expected wait for a new request (the tracker's estimate); set
+        #: by the service to the factory's ``expected_waits``.
+        self.expected_waits: Any = None
         self.boards: dict[Hashable, dict[str, Board]] = {}
         self.queued: dict[Hashable, dict[Any, float]] = {}
         self.sessions: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
@@ -303,6 +306,13 @@ class TrackerStatus:
             return "quarantined"
         return state
 
+    def _failures(self, board: Board) -> list[str]:
+        """The board's last failed outcomes in a row (why it is or may be quarantined)."""
+        rules = getattr(self.scheduler, "rules", None)
+        if rules is None or not rules.streak(board.address):
+            return []
+        return rules.failures(board.address)[-rules.streak(board.address) :]
+
     def per_key(self) -> dict[str, dict[str, int]]:
         """``{key: {state: boards for each of STATES, "queued": requests}}``."""
         out: dict[str, dict[str, int]] = {}
@@ -335,6 +345,7 @@ class TrackerStatus:
                     "registered": board.registered,
                     "free": len(board.free),
                     "busy": len(board.holds),
+                    "failures": self._failures(board),
                     "holder": None
                     if hold is None
                     else {
@@ -347,9 +358,12 @@ class TrackerStatus:
             )
         boards.sort(key=lambda b: (b["key"], b["address"]))
         queues: dict[str, dict[str, Any]] = {}
+        waits = self.expected_waits() if self.expected_waits is not None else {}
         for key, entry in sorted(self.per_key().items()):
             queues[clip(key)] = {state: entry[state] for state in STATES}
             queues[clip(key)]["waiting"] = []
+            wait = waits.get(key)
+            queues[clip(key)]["expected_wait_seconds"] = None if wait is None else round(wait, 3)
         for owner, waiting in self.queued.items():
             for request, since in waiting.items():
                 if request.live:

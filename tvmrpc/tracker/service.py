@@ -109,6 +109,7 @@ def makeService(options: Options) -> service.IService:
         clock=reactor,
         handshake_timeout=options["handshake-timeout"],
     )
+    status.expected_waits = factory.expected_waits
     top = service.MultiService()
     listener = listening_service(
         reactor, factory, "tvm-tracker", options, DEFAULT_PORT, DEFAULT_PORT_END
