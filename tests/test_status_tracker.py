@@ -27,6 +27,7 @@ from tests.support import (
     start_tracker,
     stock_tracker_socket,
 )
+from tests.test_tracker_interop import wait_until
 
 pytestmark = pytest.mark.stock
 
@@ -251,6 +252,8 @@ def test_zygote_restart_and_readiness(tmp_path):
         os.kill(zygote, signal.SIGKILL)
         server.wait_for(r"worker zygote gone", start=mark)
         server.wait_for(r"worker zygote \d+ warm", start=mark)
+        # ready again means warm and health-checked (not merely warm)
+        server.wait_for(r"board ready: health check passed", start=mark)
         samples = metrics(port)
         assert value(samples, "tvmrpc_server_zygote_restarts_total") == 1
         assert value(samples, "tvmrpc_server_ready") == 1
@@ -315,7 +318,13 @@ def test_admin_api_on_the_status_endpoint_drains_and_resumes(tmp_path):
         server = start_server(tmp_path, "adm", "--tracker", f"127.0.0.1:{tracker.port}")
         with running(server):
             tracker.wait_for(r"server:adm registered")
-            (entry,) = [b for b in status(port)["boards"] if b["key"] == "adm"]
+            # registered (UPDATE_INFO) comes before the PUT that offers the board
+            entry = wait_until(
+                lambda: next(
+                    (b for b in status(port)["boards"] if b["key"] == "adm" and b["free"]), None
+                ),
+                "the board on offer",
+            )
             assert entry["state"] == "free"
 
             def labctl(action: str) -> None:
