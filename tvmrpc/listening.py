@@ -23,10 +23,18 @@ Invariants:
   Counting happens in ``buildProtocol`` and at connection loss only: the data
   path is untouched and the protocol object is the daemon's own, so a
   transport can still be detached (the server's socket hand-off).
+- With ``--allow CIDR`` (repeatable) a TCP peer whose address is in none of
+  the listed networks is aborted as soon as it is accepted, before anything
+  it sent is read; refusals are logged at warn at most once a minute per port
+  (with the count held back) and counted in
+  :data:`tvmrpc.status.refusals.REFUSED` (reason ``allow``). Without the flag
+  everyone is let in, as stock. UNIX-socket peers are local and always let in.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -41,6 +49,7 @@ from zope.interface import implementer
 from . import logfile, sockopts
 from .exiting import stop_with_exit_code
 from .ratelimit import RateLimit
+from .status.refusals import REFUSED
 from .systemd import activation
 
 #: Exit status of a daemon that could not open its listening port.
@@ -79,6 +88,35 @@ def port_range(
     if end <= first:
         raise usage.UsageError(f"--port-end ({end}) must be greater than --port ({first})")
     return first, end
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(value: str, flag: str = "--allow") -> Network:
+    """``10.0.0.0/8``, ``192.168.1.7`` or ``fd00::/8`` to a network; UsageError if bad."""
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise usage.UsageError(
+            f"{flag} wants an address or network such as 10.1.0.0/16, got {value!r}"
+        ) from None
+
+
+def address_in(host: str, networks: Sequence[Network]) -> bool:
+    """Whether ``host`` (an IP address string) is in one of ``networks``.
+
+    IPv4 peers seen on a dual-stack socket (``::ffff:10.0.0.1``) are matched
+    as IPv4; a host that is not an IP address is in none.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return any(address in network for network in networks)
 
 
 def endpoint_for(reactor: Any, description: str) -> Any:
@@ -126,6 +164,12 @@ class ListenOptions(usage.Options):
     optFlags = [
         ["silent", None, "Log only warnings and errors (stock's --silent)."],
     ]
+
+    def opt_allow(self, value: str) -> None:
+        """Accept connections only from this address or network (CIDR, repeatable;
+        default: from everyone, as stock)."""
+        self.setdefault("allow", []).append(parse_network(value))
+
     optParameters = [
         ["host", None, "0.0.0.0", "Address to bind to."],
         [
@@ -164,6 +208,7 @@ class ListenOptions(usage.Options):
         return getattr(parent, "subCommand", None) or "tvmrpc"
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        self.setdefault("allow", [])
         super().parseOptions(options)
         if self["max-connections-per-peer"] < 0:
             raise usage.UsageError("--max-connections-per-peer must be 0 (unlimited) or more")
@@ -211,19 +256,29 @@ class _Refused(Protocol):
 
 @implementer(IProtocolFactory, ILoggingContext)
 class PeerCap:
-    """Wraps a server factory: at most ``limit`` open connections per peer host.
+    """Wraps a server factory: peers only from ``allow`` (if given), and at most
+    ``limit`` open connections per peer host (0: no cap).
 
     Only ``buildProtocol`` and the protocol's ``connectionLost`` are touched;
     the protocol returned is the wrapped factory's own object.
     """
 
-    def __init__(self, factory: Any, limit: int, name: str, clock: Any) -> None:
+    def __init__(
+        self,
+        factory: Any,
+        limit: int,
+        name: str,
+        clock: Any,
+        allow: Sequence[Network] = (),
+    ) -> None:
         self.factory = factory
         self.limit = limit
         self.name = name
         self.clock = clock
+        self.allow = tuple(allow)
         self.open: dict[str, int] = {}
         self._report = RateLimit(60.0)
+        self._report_allow = RateLimit(60.0)
 
     def doStart(self) -> None:
         self.factory.doStart()
@@ -241,6 +296,11 @@ class PeerCap:
     def buildProtocol(self, addr: Any) -> Any:
         host = getattr(addr, "host", None)
         if host is None:  # UNIX sockets: one host, the local one
+            return self.factory.buildProtocol(addr)
+        if self.allow and not address_in(host, self.allow):
+            self._not_allowed(host)
+            return _Refused()
+        if self.limit <= 0:
             return self.factory.buildProtocol(addr)
         count = self.open.get(host, 0)
         if count >= self.limit:
@@ -270,7 +330,22 @@ class PeerCap:
         else:
             self.open.pop(host, None)
 
+    def _not_allowed(self, host: str) -> None:
+        REFUSED.add("allow")
+        held = self._report_allow.event(self.clock.seconds())
+        if held is None:
+            return
+        more = f"; {held} more refused since the last report" if held else ""
+        log.warn(
+            "{name} refused a connection from {host}: not in an --allow network ({networks}){more}",
+            name=self.name,
+            host=host,
+            networks=", ".join(str(n) for n in self.allow),
+            more=more,
+        )
+
     def _refused(self, host: str) -> None:
+        REFUSED.add("per-peer cap")
         held = self._report.event(self.clock.seconds())
         if held is None:
             return
@@ -303,6 +378,7 @@ class ListeningService(service.Service):
         port: int = 9190,
         port_end: int | None = None,
         max_per_peer: int = 0,
+        allow: Sequence[Network] = (),
     ) -> None:
         self.reactor = reactor
         self.factory = factory
@@ -312,12 +388,15 @@ class ListeningService(service.Service):
         self.first_port = port
         self.port_end = port_end if port_end is not None else port + 1
         self.max_per_peer = max_per_peer
+        self.allow = tuple(allow)
         self.port: IListeningPort | None = None
         self.bound: defer.Deferred[IListeningPort] = defer.Deferred()
 
     def _listening_factory(self) -> Any:
-        if self.max_per_peer > 0:
-            return PeerCap(self.factory, self.max_per_peer, self.name, self.reactor)
+        if self.max_per_peer > 0 or self.allow:
+            return PeerCap(
+                self.factory, self.max_per_peer, self.name, self.reactor, allow=self.allow
+            )
         return self.factory
 
     def startService(self) -> None:
@@ -408,4 +487,5 @@ def listening_service(
         port=port,
         port_end=port_end,
         max_per_peer=options.get("max-connections-per-peer", 0),
+        allow=options.get("allow") or (),
     )

@@ -81,6 +81,9 @@ def status_site(
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(source)
+    from .refusals import REFUSED
+
+    registry.register(REFUSED)
 
     def metrics() -> bytes:
         return generate_latest(registry)
