@@ -9,6 +9,9 @@ Invariants:
 - A peer that answers the magic wrongly, closes before answering it, or (with
   ``magic_timeout``) stays silent fails ``ready`` with :class:`NotATrackerError`,
   whose message says "not a TVM tracker".
+- :meth:`TrackerClientProtocol.authenticate` asks for the connection's nonce
+  once; once it is known, the proof's frame is queued before the method
+  returns, so a PUT queued right after it reaches the tracker after it.
 - :class:`TrackerLink` keeps one connection up: every attempt is bounded by a
   connect timeout and a magic timeout; failures are logged at warn on the
   first one of a streak and then at most once per ``report_interval`` with the
@@ -30,6 +33,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import (
     ConnectionDone,
+    ConnectionLost,
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
@@ -57,6 +61,10 @@ log = Logger(namespace="tvmrpc.link")
 
 class TrackerError(Exception):
     """The peer is not a tracker, or the tracker refused a call."""
+
+
+class BoardAuthError(TrackerError):
+    """The tracker did not accept (or does not know) our board proof."""
 
 
 class NotATrackerError(TrackerError):
@@ -90,6 +98,8 @@ class TrackerClientProtocol(Protocol):
         self._queue: collections.deque[tuple[bytes, Deferred[Any]]] = collections.deque()
         self._in_flight: Deferred[Any] | None = None
         self._closed: Failure | None = None
+        self._nonce: str | None = None  # this connection's board challenge
+        self._board_keys: set[str] = set()  # keys proven on this connection
 
     # -- Protocol -------------------------------------------------------------
 
@@ -204,6 +214,40 @@ class TrackerClientProtocol(Protocol):
     def pending_matchkeys(self) -> Deferred[list[str]]:
         """GET_PENDING_MATCHKEYS; fires with this connection's unassigned match keys."""
         return self.call([TrackerCode.GET_PENDING_MATCHKEYS]).addCallback(_expect_list)
+
+    def authenticate(self, secret: bytes, key: str) -> Deferred[None]:
+        """Prove the board secret for ``key`` (docs/security.md); queue PUT or
+        UPDATE_INFO for ``key`` after this Deferred fires.
+
+        Fails with :class:`BoardAuthError` saying what is wrong in one line
+        (a stock tracker, a tracker without a secret, a wrong secret).
+        """
+        return Deferred.fromCoroutine(self._authenticate(secret, key))
+
+    async def _authenticate(self, secret: bytes, key: str) -> None:
+        from .boardauth import BOARD_AUTH, BOARD_CHALLENGE, LABEL_TRACKER, proof
+
+        if key in self._board_keys:
+            return
+        if self._nonce is None:
+            try:
+                reply = await self.call([BOARD_CHALLENGE])
+            except (ConnectionDone, ConnectionLost):
+                raise BoardAuthError(
+                    "the tracker closed the connection when asked for a board challenge: it "
+                    "does not support board authentication (a stock tracker?); run tvmrpc's "
+                    "tracker with --board-secret-file, or drop --board-secret-file here"
+                ) from None
+            if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == 0):
+                raise BoardAuthError(f"the tracker refused the board challenge: {reply!r}")
+            self._nonce = str(reply[1])
+        reply = await self.call([BOARD_AUTH, key, proof(secret, LABEL_TRACKER, self._nonce, key)])
+        if reply != TrackerCode.SUCCESS:
+            raise BoardAuthError(
+                f"the tracker refused our board proof for {key}: {reply!r} "
+                "(is --board-secret-file the same file as the tracker's?)"
+            )
+        self._board_keys.add(key)
 
     def close(self) -> None:
         """Close the connection; calls still waiting fail with ConnectionDone."""
@@ -377,8 +421,13 @@ class TrackerLink(service.Service):
         report_interval: float = 60.0,
         retry_policy: Callable[[int], float] | None = None,
         endpoint: Any = None,
+        board_secret: bytes | None = None,
+        board_key: str = "",
     ) -> None:
         self.reactor = reactor
+        #: With a secret, each connection proves it for ``board_key`` before ``on_ready``.
+        self.board_secret = board_secret
+        self.board_key = board_key
         self.endpoint = endpoint or HostnameEndpoint(
             reactor, tracker[0], tracker[1], timeout=connect_timeout
         )
@@ -434,6 +483,11 @@ class TrackerLink(service.Service):
         self.state = LinkState.CONNECTING
         d = self.endpoint.connect(_LinkFactory(self))
         d.addCallback(lambda proto: proto.ready)
+        if self.board_secret is not None:
+            secret, key = self.board_secret, self.board_key
+            d.addCallback(
+                lambda proto: proto.authenticate(secret, key).addCallback(lambda _: proto)
+            )
         d.addCallback(
             lambda proto: defer.maybeDeferred(self.on_ready, proto).addCallback(lambda _: proto)
         )
@@ -514,8 +568,17 @@ def tracker_link_service(
     on_lost: Callable[[TrackerClientProtocol], None],
     initial_delay: float = 0.2,
     max_delay: float = 5.0,
+    board_secret: bytes | None = None,
+    board_key: str = "",
 ) -> TrackerLink:
     """A :class:`TrackerLink` with the default timeouts (see there)."""
     return TrackerLink(
-        reactor, tracker, on_ready, on_lost, initial_delay=initial_delay, max_delay=max_delay
+        reactor,
+        tracker,
+        on_ready,
+        on_lost,
+        initial_delay=initial_delay,
+        max_delay=max_delay,
+        board_secret=board_secret,
+        board_key=board_key,
     )

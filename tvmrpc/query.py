@@ -96,8 +96,10 @@ def _report(args: argparse.Namespace, outcome: dict[str, Any]) -> int:
     if "error" in outcome:
         exc = outcome["error"]
         message = str(exc) or type(exc).__name__
-        print(f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
-              file=sys.stderr)
+        print(
+            f"tvmrpc query: cannot query tracker at {args.host}:{args.port}: {message}",
+            file=sys.stderr,
+        )
         return 1
     summary = outcome["summary"]
     if args.json:

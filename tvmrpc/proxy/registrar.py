@@ -22,6 +22,8 @@ Invariants:
   the tracker's queue: the tracker protocol cannot withdraw one PUT, so the
   tracker connection is reset (at most once per ``withdraw_delay``) and every
   server still waiting is PUT again under a fresh key.
+- With a board secret, every tracker connection proves it (as ``proxy``)
+  before anything is sent, and for each key before its PUT.
 - Nothing blocks: all tracker calls are Deferreds on one connection that
   ``ClientService`` re-establishes with backoff.
 """
@@ -60,7 +62,10 @@ class Registrar(service.Service):
         custom_addr: str | None = None,
         period: float = 2.0,
         grace: float = 5.0,
+        board_secret: bytes | None = None,
     ) -> None:
+        #: With a secret, the link proves it as ``proxy`` and for each PUT key.
+        self.board_secret = board_secret
         self.reactor = reactor
         self.switchboard = switchboard
         self.tracker = tracker
@@ -94,7 +99,13 @@ class Registrar(service.Service):
         if not self.running:
             return port
         self._client = tracker_link_service(
-            self.reactor, self.tracker, self._ready, self._lost, initial_delay=0.5
+            self.reactor,
+            self.tracker,
+            self._ready,
+            self._lost,
+            initial_delay=0.5,
+            board_secret=self.board_secret,
+            board_key="proxy",
         )
         self._client.startService()
         self._loop = LoopingCall(self._check)
@@ -215,6 +226,8 @@ class Registrar(service.Service):
     def _put(self, link: TrackerClientProtocol, matchkey: str) -> None:
         assert self.port is not None
         key = split_matchkey(matchkey)
+        if self.board_secret is not None:  # queued before the PUT (see the client)
+            link.authenticate(self.board_secret, key).addErrback(self._call_failed, "board proof")
         d = link.put(key, self.port, matchkey, self.custom_addr)
         d.addCallback(lambda _: log.info("put {matchkey} at the tracker", matchkey=matchkey))
         d.addErrback(self._put_failed, link)

@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ..boardflags import BoardAdmissionOptions, check_board_flags
 from ..listening import (
     ListeningService,
     ListenOptions,
@@ -34,7 +35,7 @@ DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
 
 
-class Options(ListenOptions, StatusOptions):
+class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
     """Flags of ``twistd tvm-proxy`` (stock's, plus --listen and timeouts)."""
 
     synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT] [--tracker H:P]"
@@ -103,6 +104,7 @@ class Options(ListenOptions, StatusOptions):
         self["resource-files"].append((prefix, path))
 
     def postOptions(self) -> None:
+        check_board_flags(self)
         if self["tracker"]:
             self["tracker"] = parse_hostport(self["tracker"])
         if self["handshake-timeout"] <= 0:
@@ -198,6 +200,7 @@ def makeService(options: Options) -> service.IService:
             custom_addr=options["custom-addr"],
             period=options["tracker-period"],
             grace=options["alloc-timeout"],
+            board_secret=options["board-secret"],
         )
         registrar.setServiceParent(top)
     return top

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import attrs
 
+from ..boardauth import BOARD_AUTH, BOARD_CHALLENGE
 from ..codec import MAX_KEY_CHARS, MAX_MATCHKEY_CHARS, TrackerCode, key_problem
 from .info import InfoError, clean_info
 
@@ -99,7 +100,30 @@ class GetPendingMatchkeys:
     pass
 
 
-Command = Union[Ping, Stop, Put, RequestResource, UpdateInfo, Summary, GetPendingMatchkeys]  # noqa: UP007
+@attrs.frozen
+class BoardChallenge:
+    """Ours only (docs/security.md): ask for this connection's nonce."""
+
+
+@attrs.frozen
+class BoardAuth:
+    """Ours only: prove the board secret for ``key`` (``proof`` is unchecked here)."""
+
+    key: str
+    proof: Any
+
+
+Command = Union[  # noqa: UP007
+    Ping,
+    Stop,
+    Put,
+    RequestResource,
+    UpdateInfo,
+    Summary,
+    GetPendingMatchkeys,
+    BoardChallenge,
+    BoardAuth,
+]
 
 
 def _is_int(value: Any) -> bool:
@@ -168,4 +192,10 @@ def parse_command(value: Any) -> Command:
     if code == TrackerCode.GET_PENDING_MATCHKEYS:
         _arity(value, 1)
         return GetPendingMatchkeys()
+    if code == BOARD_CHALLENGE:
+        _arity(value, 1)
+        return BoardChallenge()
+    if code == BOARD_AUTH:
+        _arity(value, 3)
+        return BoardAuth(_key(value[1], "board key"), value[2])
     raise CommandError(f"unknown tracker code {code}")

@@ -21,6 +21,12 @@ Invariants:
   one more is refused.
 - A closed connection's queued requests, free resources and unhandled frames
   leave at once.
+- With a board secret, a PUT whose key, or an UPDATE_INFO with a ``server``
+  key, that the connection has not proved the secret for (BOARD_CHALLENGE,
+  then BOARD_AUTH: docs/security.md) is refused with ``[FAIL, reason]``,
+  logged at warn with the peer and counted; it never reaches the queue.
+  Peers in an ``allow_board_from`` network need no proof. Each connection
+  gets its own nonce, so a recorded proof fails on any other connection.
 - SUMMARY is encoded once per change of state and the same bytes are sent to
   every asker until the state changes again.
 """
@@ -37,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .. import sockopts
+from .. import boardauth, sockopts
 from ..codec import (
     MAX_FRAME_BYTES,
     NO_FRAME,
@@ -49,10 +55,14 @@ from ..codec import (
     encode_frame,
     encode_int32,
 )
+from ..listening import Network, address_in
 from ..ratelimit import RateLimit
 from ..status.hooks import NULL_TRACKER
+from ..status.refusals import REFUSED
 from .boards import BoardState
 from .commands import (
+    BoardAuth,
+    BoardChallenge,
     CommandError,
     GetPendingMatchkeys,
     Ping,
@@ -110,6 +120,10 @@ class TrackerProtocol(Protocol):
         self._turn: Any = None  # DelayedCall that continues a backlog
         self._handshake_timer: Any = None
         self._refusals: RateLimit | None = None
+        #: Registration needs no proof (no secret, or an --allow-board-from peer).
+        self.board_trusted = True
+        self._nonce: str | None = None
+        self._board_keys: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<tracker connection {self.peer_host} {self.info.get('key', '')}>"
@@ -120,6 +134,8 @@ class TrackerProtocol(Protocol):
         factory = self.factory
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", str(peer))
+        if factory.board_secret is not None:
+            self.board_trusted = address_in(self.peer_host, factory.allow_board_from)
         self._decoder = FrameDecoder(factory.max_frame_bytes)
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
@@ -248,6 +264,9 @@ class TrackerProtocol(Protocol):
             factory.observer.requested(request)
             factory.deliver(assignments)
         elif isinstance(command, Put):
+            if not self.board_trusted and command.key not in self._board_keys:
+                self._refuse_board(f"PUT {command.key}")
+                return
             addr = command.custom_addr if command.custom_addr is not None else self.peer_host
             if factory.verbose:
                 log.info(
@@ -276,6 +295,13 @@ class TrackerProtocol(Protocol):
                 self.transport.write(factory.summary_frame())
         elif isinstance(command, UpdateInfo):
             info = dict(command.info)
+            if (
+                not self.board_trusted
+                and not self._board_keys
+                and str(info.get("key", "")).startswith("server")
+            ):
+                self._refuse_board(f"UPDATE_INFO {info['key']}")
+                return
             addr = info.get("addr")
             if addr is not None and addr[0] is None:
                 info["addr"] = [self.peer_host, addr[1]]
@@ -286,6 +312,28 @@ class TrackerProtocol(Protocol):
                 log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
             self.reply(TrackerCode.SUCCESS)
             factory.server_report(self)
+        elif isinstance(command, BoardChallenge):
+            if factory.board_secret is None:
+                self.reply([TrackerCode.FAIL, "this tracker has no --board-secret-file"])
+                return
+            if self._nonce is None:
+                self._nonce = boardauth.new_nonce()
+            self.reply([TrackerCode.SUCCESS, self._nonce])
+        elif isinstance(command, BoardAuth):
+            secret = factory.board_secret
+            if secret is None:
+                self.reply([TrackerCode.FAIL, "this tracker has no --board-secret-file"])
+            elif boardauth.verify(
+                secret, boardauth.LABEL_TRACKER, self._nonce, command.key, command.proof
+            ):
+                self._board_keys.add(command.key)
+                self.reply(TrackerCode.SUCCESS)
+            else:
+                REFUSED.add("board auth")
+                self._refuse(
+                    f"bad board proof for {command.key} (a wrong --board-secret-file, "
+                    "or a proof not made for this connection's nonce)"
+                )
         elif isinstance(command, Stop):
             if factory.stop_key is not None and command.stop_key == factory.stop_key:
                 log.info("stop requested by {host}", host=self.peer_host)
@@ -321,6 +369,13 @@ class TrackerProtocol(Protocol):
                 more=more if held else "",
             )
         self.reply([TrackerCode.FAIL, reason])
+
+    def _refuse_board(self, what: str) -> None:
+        REFUSED.add("board auth")
+        self._refuse(
+            f"{what}: board registration needs the board secret (--board-secret-file "
+            "on the registering server or proxy), or a peer in --allow-board-from"
+        )
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
@@ -378,7 +433,12 @@ class TrackerFactory(Factory):
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         frames_per_turn: int = FRAMES_PER_TURN,
         observer: Any = NULL_TRACKER,
+        board_secret: bytes | None = None,
+        allow_board_from: tuple[Network, ...] = (),
     ) -> None:
+        #: With a secret, board registration needs a proof (docs/security.md).
+        self.board_secret = board_secret
+        self.allow_board_from = tuple(allow_board_from)
         #: Told of connections, requests, PUTs, assignments and registrations (tvmrpc.status).
         self.observer = observer
         if clock is None:

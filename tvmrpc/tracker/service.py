@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.python import usage
 
+from ..boardflags import BoardAdmissionOptions, check_board_flags
 from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
 from ..status.options import StatusOptions
@@ -17,7 +18,7 @@ DEFAULT_PORT = 9190
 DEFAULT_PORT_END = 9199
 
 
-class Options(ListenOptions, StatusOptions):
+class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
     """Flags of ``twistd tvm-tracker`` (stock's --host/--port/--port-end, and more)."""
 
     synopsis = "[--host H] [--port P] [--port-end E] | [--listen ENDPOINT]"
@@ -63,6 +64,7 @@ class Options(ListenOptions, StatusOptions):
     ]
 
     def postOptions(self) -> None:
+        check_board_flags(self)
         if self["max-frame-bytes"] < 64:
             raise usage.UsageError("--max-frame-bytes must be at least 64")
         if self["quarantine-after"] < 1:
@@ -108,6 +110,8 @@ def makeService(options: Options) -> service.IService:
         observer=status,
         clock=reactor,
         handshake_timeout=options["handshake-timeout"],
+        board_secret=options["board-secret"],
+        allow_board_from=tuple(options["allow-board-from"]),
     )
     status.expected_waits = factory.expected_waits
     top = service.MultiService()
