@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import struct
 
 #: Tracker request codes stock does not know (a stock tracker closes on them).
 BOARD_CHALLENGE = 100
@@ -72,3 +73,73 @@ def verify(secret: bytes, label: str, nonce: str | None, key: str, answer: objec
     if nonce is None or not isinstance(answer, str) or len(answer) != PROOF_HEX:
         return False
     return hmac.compare_digest(proof(secret, label, nonce, key), answer)
+
+
+# -- the proxy's frames (docs/security.md) ----------------------------------------
+
+#: Key option of a ``server:`` handshake asking our proxy for a board challenge.
+PROXY_OPTION = "-tvmrpc-auth"
+#: Proxy -> server: ``int32 RPC_CODE_CHALLENGE, int32 length, nonce`` (stock never sends it).
+RPC_CODE_CHALLENGE = 0xFF271 + 0x100
+_INT32 = struct.Struct("<i")
+
+
+class FrameError(ValueError):
+    """A challenge or proof frame that breaks the rules."""
+
+
+def encode_challenge(nonce: str) -> bytes:
+    data = nonce.encode()
+    return _INT32.pack(RPC_CODE_CHALLENGE) + _INT32.pack(len(data)) + data
+
+
+def encode_proof(answer: str) -> bytes:
+    data = answer.encode()
+    return _INT32.pack(len(data)) + data
+
+
+class _Sized:
+    """``[int32 code]`` (if ``code``), ``int32 length`` (1..``limit``), then that many bytes."""
+
+    def __init__(self, code: int | None, limit: int, what: str) -> None:
+        self._buffer = bytearray()
+        self._code = code
+        self._limit = limit
+        self._what = what
+
+    def feed(self, data: bytes) -> tuple[str, bytes] | None:
+        buf = self._buffer
+        buf += data
+        head = 0
+        if self._code is not None:
+            if len(buf) < 4:
+                return None
+            (code,) = _INT32.unpack_from(buf, 0)
+            if code != self._code:
+                raise FrameError(f"expected a {self._what}, got code {code:#x}")
+            head = 4
+        if len(buf) < head + 4:
+            return None
+        (length,) = _INT32.unpack_from(buf, head)
+        if not 0 < length <= self._limit:
+            raise FrameError(f"{self._what} length {length} outside 1..{self._limit}")
+        end = head + 4 + length
+        if len(buf) < end:
+            return None
+        try:
+            text = bytes(buf[head + 4 : end]).decode("ascii")
+        except UnicodeDecodeError:
+            raise FrameError(f"{self._what} is not ASCII") from None
+        rest = bytes(buf[end:])
+        buf.clear()
+        return text, rest
+
+
+def proof_decoder() -> _Sized:
+    """The proxy's decoder for a server's proof frame."""
+    return _Sized(None, PROOF_HEX, "board proof")
+
+
+def challenge_decoder() -> _Sized:
+    """The registering server's decoder for the proxy's challenge frame."""
+    return _Sized(RPC_CODE_CHALLENGE, 256, "board challenge")

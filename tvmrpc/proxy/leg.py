@@ -25,6 +25,11 @@ Invariants:
   within the switchboard's :class:`~tvmrpc.proxy.limits.EarlyBudget`; a leg
   that would exceed it is closed with a warn line, and the bytes are released
   when it is paired or closes.
+- With a board secret on the switchboard, a ``server:`` leg from outside
+  ``allow_board_from`` must carry ``-tvmrpc-auth`` and answer the challenge
+  (a fresh nonce per leg) with a valid proof before the handshake timeout;
+  otherwise it is answered MISMATCH, closed, logged at warn with the peer and
+  counted, and never reaches the switchboard. Client legs need nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .. import boardauth
 from ..codec import (
+    RPC_CODE_MISMATCH,
     RPC_CODE_SUCCESS,
     CodecError,
     HandshakeDecoder,
@@ -43,7 +50,9 @@ from ..codec import (
     parse_key,
     proxy_matchkey,
 )
+from ..listening import address_in
 from ..status.peeraddr import tell
+from ..status.refusals import REFUSED
 from . import handover
 from .splice import SpliceRelay
 from .switchboard import ILeg, Switchboard
@@ -63,6 +72,8 @@ class LegMixin:
     handshake_timeout: float
     key: str | None = None
     peer_name = "?"
+    #: The remote IP address, for --allow-board-from (None: not a TCP leg).
+    peer_host: str | None = None
 
     def _leg_init(self, switchboard: Switchboard, handshake_timeout: float) -> None:
         self.switchboard = switchboard
@@ -79,6 +90,10 @@ class LegMixin:
         self._splicing = False
         self._answer = b""
         self._relay: SpliceRelay | None = None
+        #: Board authentication (a server leg at a proxy with a secret): nonce and decoder.
+        self._nonce: str | None = None
+        self._proof: Any = None
+        self._parsed: Any = None
 
     # -- phases ---------------------------------------------------------------
 
@@ -94,6 +109,9 @@ class LegMixin:
             self.forwarded += len(data)
             peer._write(data)
             return
+        if self._proof is not None:
+            self._proof_data(data)
+            return
         if self._decoder is None:
             self._hold_early(data)
             return
@@ -107,18 +125,77 @@ class LegMixin:
             return
         key, rest = done
         self._decoder = None
-        self._cancel_timer()
         try:
             parsed = parse_key(key)
         except CodecError as exc:
+            self._cancel_timer()
             log.info("bad handshake key from {leg}: {error}", leg=self.peer_name, error=exc)
             self._abort()
             return
         self.key = key
+        if parsed.role == "server" and self._needs_proof():
+            if boardauth.PROXY_OPTION not in parsed.options:
+                self._refuse_board("it sent no board proof (a stock server?)")
+                return
+            self._parsed = parsed
+            self._nonce = boardauth.new_nonce()
+            self._proof = boardauth.proof_decoder()
+            self._write(boardauth.encode_challenge(self._nonce))
+            if rest:
+                self._proof_data(rest)
+            return
+        self._cancel_timer()
+        self._arrive(parsed, rest)
+
+    def _arrive(self, parsed: Any, rest: bytes) -> None:
+        assert self.key is not None
         if rest and not self._hold_early(rest):
             return
         self._on_waiting()
-        self.switchboard.arrive(self, parsed, proxy_matchkey(key))
+        self.switchboard.arrive(self, parsed, proxy_matchkey(self.key))
+
+    def _needs_proof(self) -> bool:
+        board = self.switchboard
+        if board.board_secret is None:
+            return False
+        host = self.peer_host
+        return host is None or not address_in(host, board.allow_board_from)
+
+    def _proof_data(self, data: bytes) -> None:
+        """Bytes of a server leg that owes us its board proof."""
+        try:
+            done = self._proof.feed(data)
+        except boardauth.FrameError as exc:
+            self._refuse_board(str(exc))
+            return
+        if done is None:
+            return
+        answer, rest = done
+        self._proof = None
+        self._cancel_timer()
+        assert self.key is not None
+        secret = self.switchboard.board_secret
+        matchkey = proxy_matchkey(self.key)
+        if not boardauth.verify(secret, boardauth.LABEL_PROXY, self._nonce, matchkey, answer):
+            self._refuse_board(
+                "bad board proof (a wrong --board-secret-file, or a replayed exchange)"
+            )
+            return
+        self._arrive(self._parsed, rest)
+
+    def _refuse_board(self, why: str) -> None:
+        """A server leg that did not prove the secret: never reaches the switchboard."""
+        self._cancel_timer()
+        self._proof = None
+        REFUSED.add("board auth")
+        log.warn(
+            "refused registration {key} from {leg}: {why}; boards need --board-secret-file "
+            "(or a network in --allow-board-from)",
+            key=(self.key or "?")[:80],
+            leg=self.peer_name,
+            why=why,
+        )
+        self.refuse(RPC_CODE_MISMATCH)
 
     def _leg_lost(self) -> None:
         """The remote end closed (or we closed it)."""

@@ -37,6 +37,7 @@ class ProxyProtocol(LegMixin, Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_name = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.peer_host = getattr(peer, "host", None)
         sockopts.set_nodelay(self.transport)
         self._leg_started()
 

@@ -158,6 +158,8 @@ def makeService(options: Options) -> service.IService:
         early=EarlyBudget(options["max-early-bytes"], options["max-early-total"]),
         device_keys=DeviceKeys(options["max-server-keys"]),
     )
+    switchboard.board_secret = options["board-secret"]
+    switchboard.allow_board_from = tuple(options["allow-board-from"])
     splice_reactor = None if options["no-splice"] or not splice_supported() else reactor
     from ..status.proxy import ProxyStatus, status_service
 

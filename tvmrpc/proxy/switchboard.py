@@ -88,6 +88,10 @@ class Switchboard:
         self.early = early if early is not None else EarlyBudget()
         #: Device keys of the servers present, bounded (tracker mode only).
         self.device_keys = device_keys if device_keys is not None else DeviceKeys()
+        #: With a secret, ``server:`` legs prove it before they wait (docs/security.md).
+        self.board_secret: bytes | None = None
+        #: Networks whose servers need no proof (--allow-board-from).
+        self.allow_board_from: tuple[Any, ...] = ()
 
     def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
         """A leg finished its handshake as ``key.role`` with proxy match key ``matchkey``."""
