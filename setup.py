@@ -37,7 +37,7 @@ setup(
         "tvmrpc.systemd": ["units/*"],
     },
     install_requires=[
-        "twisted>=23.10",
+        "twisted[tls]>=23.10",  # pyOpenSSL, service_identity: --listen ssl:, --tracker tls:
         "attrs>=22.2",
         "service-identity>=21.1",
         "prometheus_client>=0.17",

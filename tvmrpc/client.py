@@ -63,6 +63,10 @@ class TrackerError(Exception):
     """The peer is not a tracker, or the tracker refused a call."""
 
 
+class LinkTLSError(TrackerError):
+    """The TLS handshake with the tracker failed (certificate or host name)."""
+
+
 class BoardAuthError(TrackerError):
     """The tracker did not accept (or does not know) our board proof."""
 
@@ -147,7 +151,10 @@ class TrackerClientProtocol(Protocol):
         self._closed = reason
         self._stop_magic_timer()
         if not self.ready.called:
-            if self.transport is not None and not self._handshaken:
+            tls = tls_failure(reason)
+            if tls is not None:
+                reason = Failure(LinkTLSError(tls))
+            elif self.transport is not None and not self._handshaken:
                 reason = Failure(
                     NotATrackerError(
                         "not a TVM tracker: it closed the connection without answering the "
@@ -298,6 +305,22 @@ class TrackerClientProtocol(Protocol):
         self.transport.abortConnection()
 
 
+def tls_failure(reason: Failure) -> str | None:
+    """A one-line explanation if ``reason`` is a failed TLS handshake, else None."""
+    value = reason.value
+    module = type(value).__module__ or ""
+    if not (module.startswith("OpenSSL") or module.startswith("service_identity")):
+        return None
+    detail = str(value)
+    if "certificate verify failed" in detail:
+        why = "its certificate is not signed by a CA in trustRoots="
+    elif module.startswith("service_identity"):
+        why = "its certificate does not name the host= we asked for"
+    else:
+        why = "the TLS handshake failed"
+    return f"{why} ({detail[:200]}); check trustRoots= and host= in the endpoint string"
+
+
 def _expect_success(reply: Any, what: str) -> None:
     if reply != TrackerCode.SUCCESS:
         raise TrackerError(f"tracker refused {what}: {reply!r}")
@@ -392,6 +415,8 @@ def describe_link_failure(failure: Failure, connect_timeout: float) -> str:
         return "is unreachable: cannot resolve the host name"
     if isinstance(exc, (TimeoutError, defer.TimeoutError)):
         return f"is unreachable: no answer to connect within {connect_timeout:g} s"
+    if isinstance(exc, LinkTLSError):
+        return f"failed TLS verification: {exc}"
     if isinstance(exc, TrackerError):
         return f"refused us: {exc}"
     return f"is unreachable: {exc or type(exc).__name__}"
@@ -428,6 +453,8 @@ class TrackerLink(service.Service):
         #: With a secret, each connection proves it for ``board_key`` before ``on_ready``.
         self.board_secret = board_secret
         self.board_key = board_key
+        if endpoint is None and getattr(tracker, "description", None):
+            endpoint = tracker.endpoint(reactor)  # a tvmrpc.outgoing.Target (tls:...)
         self.endpoint = endpoint or HostnameEndpoint(
             reactor, tracker[0], tracker[1], timeout=connect_timeout
         )
@@ -450,8 +477,7 @@ class TrackerLink(service.Service):
 
     @property
     def target(self) -> str:
-        host, port = self.tracker
-        return f"tracker {host}:{port}"
+        return f"tracker {self.tracker[0]}:{self.tracker[1]}"
 
     # -- service events -----------------------------------------------------------
 

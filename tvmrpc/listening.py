@@ -180,7 +180,6 @@ class ListenOptions(usage.Options):
             int,
         ],
         ["port-end", None, None, "End (exclusive) of the port range to try.", int],
-        ["listen", None, None, "Twisted endpoint string; overrides host/port."],
         [
             "max-connections-per-peer",
             None,
@@ -189,6 +188,12 @@ class ListenOptions(usage.Options):
             int,
         ],
     ]
+
+    def opt_listen(self, value: str) -> None:
+        """Twisted endpoint string; overrides host/port. Repeatable: listen on each
+        (e.g. plaintext for stock clients and ssl: for boards)."""
+        self["listens"].append(value)
+        self["listen"] = self["listens"][0]
 
     def opt_dead_peer_timeout(self, value: str) -> None:
         """Seconds after which a silent peer (board lost power, cable pulled) is
@@ -209,13 +214,15 @@ class ListenOptions(usage.Options):
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         self.setdefault("allow", [])
+        self["listens"] = []
+        self.setdefault("listen", None)
         super().parseOptions(options)
         if self["max-connections-per-peer"] < 0:
             raise usage.UsageError("--max-connections-per-peer must be 0 (unlimited) or more")
         if self["port"] is not None and self["port-end"] is not None:
             port_range(self["port"], self["port-end"], 0, 0)
-        if self["listen"]:
-            check_endpoint(self.daemon_name, "--listen", self["listen"])
+        for listen in self["listens"]:
+            check_endpoint(self.daemon_name, "--listen", listen)
         parent = getattr(self, "parent", None)
         if parent is not None:
             logfile.configure(parent, silent=self["silent"])
@@ -373,7 +380,7 @@ class ListeningService(service.Service):
         factory: Any,
         name: str,
         *,
-        listen: str | None = None,
+        listen: str | Sequence[str] | None = None,
         host: str = "0.0.0.0",
         port: int = 9190,
         port_end: int | None = None,
@@ -383,7 +390,11 @@ class ListeningService(service.Service):
         self.reactor = reactor
         self.factory = factory
         self.setName(name)
-        self.listen = listen
+        #: Every ``--listen`` endpoint; ``listen`` is the first (None: host/port).
+        self.listens = [listen] if isinstance(listen, str) else list(listen or ())
+        self.listen = self.listens[0] if self.listens else None
+        #: Ports bound for the second and later ``--listen`` endpoints.
+        self.more_ports: list[IListeningPort] = []
         self.host = host
         self.first_port = port
         self.port_end = port_end if port_end is not None else port + 1
@@ -411,6 +422,8 @@ class ListeningService(service.Service):
             d = endpoint.listen(factory)
             d.addCallback(self._listening)
             d.addErrback(self._failed)
+            for more in self.listens[1:]:
+                self._listen_more(more, factory)
             return
         try:
             port = bind_port_range(self.reactor, factory, self.host, self.first_port, self.port_end)
@@ -424,6 +437,27 @@ class ListeningService(service.Service):
             self._give_up(Failure(exc))
             return
         self._listening(port)
+
+    def _listen_more(self, description: str, factory: Any) -> None:
+        try:
+            endpoint = endpoint_for(self.reactor, description)
+        except Exception as exc:  # noqa: BLE001 - checked at parse time; belt and braces
+            self._failed(Failure(exc), description)
+            return
+
+        def bound(port: IListeningPort) -> None:
+            if not self.running:
+                port.stopListening()
+                return
+            self.more_ports.append(port)
+            log.info(
+                "{name} listening on {address}",
+                name=self.name,
+                address=describe_address(port.getHost()),
+            )
+
+        d = endpoint.listen(factory)
+        d.addCallbacks(bound, lambda f: self._failed(f, description))
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -443,11 +477,11 @@ class ListeningService(service.Service):
             self.bound.callback(port)
         return port
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, listen: str | None = None) -> None:
         log.error(
             "{name} cannot listen on {listen}: {reason}",
             name=self.name,
-            listen=self.listen,
+            listen=listen or self.listen,
             reason=failure.getErrorMessage(),
         )
         self._give_up(failure)
@@ -460,10 +494,15 @@ class ListeningService(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         service.Service.stopService(self)
+        ports, self.more_ports = self.more_ports, []
         if self.port is not None:
-            port, self.port = self.port, None
-            return defer.maybeDeferred(port.stopListening)
-        return None
+            ports.insert(0, self.port)
+            self.port = None
+        if not ports:
+            return None
+        return defer.gatherResults(
+            [defer.maybeDeferred(p.stopListening) for p in ports]
+        ).addCallback(lambda _: None)
 
 
 def listening_service(
@@ -482,7 +521,7 @@ def listening_service(
         reactor,
         factory,
         name,
-        listen=options["listen"],
+        listen=options.get("listens") or options["listen"],
         host=options["host"],
         port=port,
         port_end=port_end,

@@ -13,8 +13,8 @@ from ..listening import (
     StartupError,
     check_endpoint,
     listening_service,
-    parse_hostport,
 )
+from ..outgoing import parse_target
 from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .limits import (
@@ -56,7 +56,13 @@ class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
     optParameters = [
         ["web-port", None, None, "HTTP/WebSocket port (path /ws); off if unset.", int],
         ["web-listen", None, None, "Twisted endpoint string for the WebSocket server."],
-        ["tracker", None, None, "Register waiting servers at this tracker, HOST:PORT."],
+        [
+            "tracker",
+            None,
+            None,
+            "Register waiting servers at this tracker: HOST:PORT, or a Twisted client "
+            "endpoint such as tls:host=H:port=P:trustRoots=CADIR (docs/security.md).",
+        ],
         ["custom-addr", None, None, "Address the tracker hands clients (default: our IP)."],
         ["timeout-client", None, 600.0, "Seconds a client waits for a server.", float],
         ["timeout-server", None, 600.0, "Seconds a server waits (not in tracker mode).", float],
@@ -106,7 +112,7 @@ class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
     def postOptions(self) -> None:
         check_board_flags(self)
         if self["tracker"]:
-            self["tracker"] = parse_hostport(self["tracker"])
+            self["tracker"] = parse_target(self["tracker"])
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
         for flag in ("max-early-bytes", "max-early-total"):

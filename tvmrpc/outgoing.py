@@ -1,0 +1,84 @@
+"""Where our daemons connect out to: ``HOST:PORT`` as stock, or a Twisted client endpoint.
+
+``--tracker`` (server, proxy) takes either form; a ``tls:`` string
+(``tls:host=tracker.lab:port=9190:trustRoots=/etc/tvm/ca:certificate=board.pem:privateKey=board.key``)
+connects over TLS and verifies the peer's certificate chain against
+``trustRoots`` (a directory of PEM CA certificates; default: the system's)
+and its name against ``host`` (service_identity).
+
+Invariants:
+- A :class:`Target` unpacks and indexes like the ``(host, port)`` tuple it
+  replaces; ``description`` is the endpoint string, or None for plain TCP.
+- :func:`parse_target` builds the endpoint once, so a bad string, a missing
+  file or missing TLS support is a one-line usage error at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from twisted.python import usage
+
+from .listening import parse_hostport
+
+#: Prefixes that make a ``--tracker`` value a client endpoint string.
+ENDPOINT_PREFIXES = ("tls:", "tcp:")
+
+
+class Target(NamedTuple):
+    """An outgoing link's peer: its host and port (for logs) and its endpoint string."""
+
+    host: str
+    port: int
+    description: str | None = None
+
+    def endpoint(self, reactor: Any) -> Any:
+        """The client endpoint for ``description`` (None for plain HOST:PORT)."""
+        if self.description is None:
+            return None
+        from twisted.internet.endpoints import clientFromString
+
+        return clientFromString(reactor, self.description)
+
+    def __str__(self) -> str:
+        scheme = "tls://" if (self.description or "").startswith("tls:") else ""
+        return f"{scheme}{self.host}:{self.port}"
+
+
+def _field(description: str, name: str, position: int) -> str | None:
+    """A ``name=value`` (or positional) field of an endpoint string, for logs."""
+    parts = description.split(":")[1:]
+    positional = [p for p in parts if "=" not in p]
+    for part in parts:
+        if part.startswith(name + "="):
+            return part[len(name) + 1 :]
+    return positional[position] if len(positional) > position else None
+
+
+def parse_target(value: str, flag: str = "--tracker") -> Target:
+    """``HOST:PORT`` or an endpoint string to a :class:`Target`; UsageError if bad."""
+    if not value.startswith(ENDPOINT_PREFIXES):
+        host, port = parse_hostport(value)
+        return Target(host, port)
+    host = _field(value, "host", 0)
+    port = _field(value, "port", 1)
+    if not host or not port or not port.isdigit():
+        raise usage.UsageError(
+            f"{flag} {value!r}: an endpoint string needs host= and port= "
+            "(e.g. tls:host=tracker.lab:port=9190:trustRoots=/etc/tvm/ca)"
+        )
+    target = Target(host, int(port), value)
+    from twisted.internet import reactor
+
+    try:
+        target.endpoint(reactor)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise usage.UsageError(
+            f"{flag} {value!r} needs TLS support, missing {missing}: pip install 'twisted[tls]'"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        raise usage.UsageError(
+            f"bad {flag} endpoint {value!r}: {exc or type(exc).__name__}"
+        ) from None
+    return target
