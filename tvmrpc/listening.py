@@ -6,6 +6,9 @@ string (``tcp:9190:interface=127.0.0.1``, ``unix:/run/tvm/tracker.sock``,
 ``systemd:domain=INET:index=0``, ``ssl:...``).
 
 Invariants:
+- ``--listen`` is repeatable: the daemon listens on every endpoint given
+  (``bound`` fires with the first), each logged as below; any one failing
+  is the start-up failure below.
 - The bound address is logged as ``<name> listening on <host>:<port>`` (or
   ``<name> listening on unix:<path>``), which tests and supervisors watch for.
 - The range tried is what the flags say: neither flag gives the daemon's
