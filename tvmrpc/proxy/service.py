@@ -194,6 +194,7 @@ def makeService(options: Options) -> service.IService:
             host=options["host"],
             port=options["web-port"] or 0,
             max_per_peer=options["max-connections-per-peer"],
+            allow=options["allow"],
         )
         web.bound.addCallback(lambda port: site.set_port(getattr(port.getHost(), "port", 0)))
         web.setServiceParent(top)
