@@ -98,3 +98,17 @@ def test_stock_server_admitted_only_from_allowed_networks(log_dir, secret_file, 
             with running(server):
                 proxy.wait_for(r"#warn\] refused registration server:stockboard from 127\.0\.0\.1")
             assert "waits as server" not in proxy.output
+
+
+def test_answerer_proves_for_its_key_and_rejects_a_stock_answer():
+    secret = SECRET.encode()
+    answerer = boardauth.ProxyAnswerer(secret, "lab")
+    frame = boardauth.encode_challenge("ab" * 16)
+    assert answerer.feed(frame[:5]) is None
+    reply = answerer.feed(frame[5:])
+    decoded = boardauth.proof_decoder().feed(reply)
+    assert decoded is not None
+    assert boardauth.verify(secret, boardauth.LABEL_PROXY, "ab" * 16, "lab", decoded[0])
+    stock = boardauth.ProxyAnswerer(secret, "lab")
+    with pytest.raises(boardauth.FrameError, match="stock proxy"):
+        stock.feed(struct.pack("<i", RPC_CODE_SUCCESS))

@@ -143,3 +143,46 @@ def proof_decoder() -> _Sized:
 def challenge_decoder() -> _Sized:
     """The registering server's decoder for the proxy's challenge frame."""
     return _Sized(RPC_CODE_CHALLENGE, 256, "board challenge")
+
+
+#: Seconds a registering server waits for our proxy's challenge before it
+#: concludes the proxy is stock (or has no secret).
+CHALLENGE_TIMEOUT = 10.0
+#: The challenge frame's exact size (code, length, nonce): read no byte past it.
+CHALLENGE_BYTES = 8 + NONCE_HEX
+
+
+class ProxyAnswerer:
+    """The registering server's side of the proxy exchange (pure).
+
+    Feed it what the proxy sends after the ``server:`` handshake; once the
+    challenge is complete :meth:`feed` returns the proof frame to write.
+    Anything else (a stock proxy pairing us, or answering no-match) raises
+    :class:`FrameError` with a message saying so.
+    """
+
+    def __init__(self, secret: bytes, matchkey: str) -> None:
+        self._secret = secret
+        self._matchkey = matchkey
+        self._decoder = challenge_decoder()
+
+    def feed(self, data: bytes) -> bytes | None:
+        try:
+            done = self._decoder.feed(data)
+        except FrameError as exc:
+            raise FrameError(
+                f"the proxy did not send a board challenge ({exc}): {STOCK_PROXY_HINT}"
+            ) from None
+        if done is None:
+            return None
+        nonce, rest = done
+        if rest:
+            raise FrameError("the proxy sent bytes after its board challenge")
+        return encode_proof(proof(self._secret, LABEL_PROXY, nonce, self._matchkey))
+
+
+#: What to do when a proxy does not challenge us.
+STOCK_PROXY_HINT = (
+    "it is a stock proxy or one without --board-secret-file; give the proxy "
+    "--board-secret-file, or drop --board-secret-file here"
+)
