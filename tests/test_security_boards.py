@@ -66,8 +66,9 @@ def test_short_secret_file_is_one_line(tmp_path):
 
 
 def test_rogue_put_cannot_divert_a_client(log_dir, secret_file):
-    """Our proxy holds the secret and registers a stock board; a rogue PUT of the same key
-    from a peer without it is refused and never queued: the stock client reaches the board."""
+    """Our proxy holds the secret and registers a stock board (next to it: admitted by
+    --allow-board-from); a rogue PUT of the same key from a peer without the secret is
+    refused and never queued: the stock client reaches the board."""
     with running(
         start_tracker(log_dir, "--board-secret-file", str(secret_file), *STATUS_FLAG)
     ) as tracker:
@@ -78,6 +79,8 @@ def test_rogue_put_cannot_divert_a_client(log_dir, secret_file):
             f"127.0.0.1:{tracker.port}",
             "--board-secret-file",
             str(secret_file),
+            "--allow-board-from",
+            "127.0.0.1/32",
         )
         with running(proxy), running(start_proxied_server(log_dir, proxy, "lab")):
             proxy.wait_for(r"put lab:\S+ at the tracker")

@@ -28,8 +28,9 @@ Invariants:
 - With a board secret on the switchboard, a ``server:`` leg from outside
   ``allow_board_from`` must carry ``-tvmrpc-auth`` and answer the challenge
   (a fresh nonce per leg) with a valid proof before the handshake timeout;
-  otherwise it is answered MISMATCH, closed, logged at warn with the peer and
-  counted, and never reaches the switchboard. Client legs need nothing.
+  otherwise it is answered MISMATCH, closed, logged at warn with the peer (at
+  most once a minute per proxy, with the count held back) and counted, and
+  never reaches the switchboard. Client legs need nothing.
 """
 
 from __future__ import annotations
@@ -188,13 +189,17 @@ class LegMixin:
         self._cancel_timer()
         self._proof = None
         REFUSED.add("board auth")
-        log.warn(
-            "refused registration {key} from {leg}: {why}; boards need --board-secret-file "
-            "(or a network in --allow-board-from)",
-            key=(self.key or "?")[:80],
-            leg=self.peer_name,
-            why=why,
-        )
+        board = self.switchboard
+        held = board.board_refusals.event(board.clock.seconds())
+        if held is not None:
+            log.warn(
+                "refused registration {key} from {leg}: {why}; boards need "
+                "--board-secret-file (or a network in --allow-board-from){more}",
+                key=(self.key or "?")[:80],
+                leg=self.peer_name,
+                why=why,
+                more=f" ({held} more refused since the last report)" if held else "",
+            )
         self.refuse(RPC_CODE_MISMATCH)
 
     def _leg_lost(self) -> None:

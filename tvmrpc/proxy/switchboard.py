@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from ..codec import RPC_CODE_DUPLICATE, RPC_CODE_MISMATCH, PeerKey, key_problem
+from ..ratelimit import RateLimit
 from ..status.hooks import NULL_PROXY
 from .limits import Admission, DeviceKeys, EarlyBudget
 from .pairing import SERVER, Duplicate, NoMatch, Paired, PairingTable, Waiting
@@ -92,6 +93,8 @@ class Switchboard:
         self.board_secret: bytes | None = None
         #: Networks whose servers need no proof (--allow-board-from).
         self.allow_board_from: tuple[Any, ...] = ()
+        #: Refused registrations are logged at most once a minute (a stock board retries).
+        self.board_refusals = RateLimit(60.0)
 
     def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
         """A leg finished its handshake as ``key.role`` with proxy match key ``matchkey``."""
