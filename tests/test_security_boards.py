@@ -182,3 +182,34 @@ def test_stock_tracker_fails_our_proof_with_one_line(log_dir, secret_file):
                 r"does not support board authentication \(a stock tracker\?\); run tvmrpc's "
                 r"tracker with --board-secret-file, or drop --board-secret-file here"
             )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--allow-board-from", "10.0.0.0/8"],
+            "--allow-board-from needs --board-secret-file: without a secret every board may "
+            "register",
+        ),
+        (
+            ["--board-secret-file", "/nonexistent/secret"],
+            "--board-secret-file /nonexistent/secret: cannot read it",
+        ),
+    ],
+)
+def test_bad_board_flags_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    from tests.support import subprocess_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted", "tvm-tracker", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
