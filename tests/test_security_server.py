@@ -98,6 +98,8 @@ def test_our_server_at_a_stock_proxy_says_so(log_dir, secret_file):
             "127.0.0.1",
             "--port",
             str(port),
+            "--port-end",
+            str(port + 1),
         ],
         log_dir / "stock-proxy.log",
     )

@@ -20,6 +20,9 @@ Invariants:
   is not. When the board is withdrawn or fails, the tracker connection is
   closed: the tracker drops a closed connection's resources (the wire has
   no un-PUT), so no client is handed to a board that cannot serve.
+- With a board secret, every tracker connection proves it for our key
+  (docs/security.md) before UPDATE_INFO; a tracker that refuses or does not
+  know the proof is a failed attempt, logged and retried like any other.
 - ``announcement.up`` is true exactly while a tracker link has been
   answered (UPDATE_INFO) and not lost or dropped.
 """
@@ -60,11 +63,14 @@ class Registrar(service.Service):
         period: float = 2.0,
         grace: float = 5.0,
         lifecycle: Lifecycle | None = None,
+        board_secret: bytes | None = None,
     ) -> None:
         self.reactor = reactor
         self.board = board
         self.key = key
         self.tracker = tracker
+        #: With a secret, each tracker connection proves it for our key first.
+        self.board_secret = board_secret
         self.port_source = port
         self.port: int | None = port if isinstance(port, int) else None
         self.custom_addr = custom_addr
@@ -112,7 +118,14 @@ class Registrar(service.Service):
     def _connect(self) -> None:
         if self._client is not None or self.port is None or not self._advertised():
             return
-        self._client = tracker_link_service(self.reactor, self.tracker, self._ready, self._lost)
+        self._client = tracker_link_service(
+            self.reactor,
+            self.tracker,
+            self._ready,
+            self._lost,
+            board_secret=self.board_secret,
+            board_key=self.key,
+        )
         self._client.startService()
 
     def _state_changed(self, old: State, new: State, reason: str) -> None:

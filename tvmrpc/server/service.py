@@ -30,8 +30,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ..boardflags import BoardSecretOptions, check_board_flags
 from ..exiting import stop_with_exit_code
-from ..listening import ListenOptions, listening_service, parse_hostport
+from ..listening import ListenOptions, listening_service
+from ..outgoing import parse_target
 from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .adapter import WorkerConfig, ZygoteRuntime
@@ -50,7 +52,7 @@ DEFAULT_PORT_END = 9199
 EXIT_NOT_READY = 1
 
 
-class Options(ListenOptions, StatusOptions):
+class Options(ListenOptions, StatusOptions, BoardSecretOptions):
     """Flags of ``twistd tvm-server`` (stock's, plus --listen, --init and more)."""
 
     synopsis = (
@@ -78,7 +80,13 @@ class Options(ListenOptions, StatusOptions):
             "",
             "The device key clients request (required with --tracker, --through-proxy).",
         ],
-        ["tracker", None, None, "Register at the tracker HOST:PORT."],
+        [
+            "tracker",
+            None,
+            None,
+            "Register at the tracker HOST:PORT, or a Twisted client endpoint such as "
+            "tls:host=H:port=P:trustRoots=CADIR (docs/security.md).",
+        ],
         ["custom-addr", None, None, "Address the tracker hands to clients (default: ours)."],
         ["load-library", None, None, "Colon-separated shared libraries loaded in each worker."],
         ["runtime-library", None, None, "libtvm_runtime.so (default: $TVM_LIBRARY_PATH, tvm)."],
@@ -107,6 +115,7 @@ class Options(ListenOptions, StatusOptions):
 
     def postOptions(self) -> None:
         self.setdefault("init-modules", [])  # type: ignore[attr-defined]
+        check_board_flags(self)
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
         if (self["tracker"] or self["through-proxy"]) and not self["key"]:
@@ -118,7 +127,7 @@ class Options(ListenOptions, StatusOptions):
             raise usage.UsageError("--max-session-seconds must be positive")
         self["session-memory-limit"] = parse_bytes(self["session-memory-limit"])
         if self["tracker"]:
-            self["tracker"] = parse_hostport(self["tracker"])
+            self["tracker"] = parse_target(self["tracker"])
         libraries = []
         for name in filter(None, (self["load-library"] or "").split(":")):
             path = Path(name).resolve()
@@ -250,7 +259,12 @@ def makeService(options: Options) -> service.IService:
 
     if options["through-proxy"]:
         connector = ProxyConnector(
-            reactor, board, key, (options["host"], options["port"]), lifecycle=lifecycle
+            reactor,
+            board,
+            key,
+            (options["host"], options["port"]),
+            lifecycle=lifecycle,
+            board_secret=options["board-secret"],
         )
         connector.waiting_observers.append(
             lambda: ready_when_warm(
@@ -273,6 +287,7 @@ def makeService(options: Options) -> service.IService:
             port_d,
             custom_addr=options["custom-addr"],
             lifecycle=lifecycle,
+            board_secret=options["board-secret"],
         )
         registrar.extension = status.extension
         matcher = registrar.claim

@@ -16,6 +16,10 @@ Invariants:
   ``log_interval`` with the retry delay.
 - ``announcement.up`` is true while a connection waits at the proxy or the
   client it paired is served; false after any failure or withdrawal.
+- With a board secret the handshake key carries ``-tvmrpc-auth`` and the
+  proxy's challenge is answered before anything else is read; no challenge
+  within ``boardauth.CHALLENGE_TIMEOUT`` seconds, or another answer (a
+  stock proxy pairing us), is a failure that says so in one line.
 - A waiting connection has no answer timeout: the proxy answers only when a
   client pairs, so silence is normal; TCP keepalive (``--dead-peer-timeout``)
   detects a proxy that vanished.
@@ -36,7 +40,7 @@ from twisted.internet.error import ConnectError, ConnectionDone, DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .. import sockopts
+from .. import boardauth, sockopts
 from ..codec import (
     RPC_CODE_DUPLICATE,
     RPC_CODE_SUCCESS,
@@ -73,11 +77,23 @@ def answer_bytes_missing(seen: bytes) -> int:
     return max(0, 8 + struct.unpack_from("<i", seen, 4)[0] - len(seen))
 
 
+class BoardProofError(Exception):
+    """The proxy did not challenge us (stock, or no secret there) though we hold a secret."""
+
+
 class _ProxyLeg(protocol.Protocol):
     """One outbound connection to the proxy; ``answered`` fires with the outcome."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, board_secret: bytes | None = None, clock: Any = None) -> None:
         self.key = key
+        #: With a secret: answers the proxy's challenge first (docs/security.md).
+        self.answerer = (
+            boardauth.ProxyAnswerer(board_secret, key) if board_secret is not None else None
+        )
+        self.clock = clock
+        self._challenge_timer: Any = None
+        #: We sent a board proof on this connection.
+        self.proved = False
         self.decoder = ReplyDecoder()
         self.answered: defer.Deferred[_ProxyLeg] = defer.Deferred()
         self.client_key: str | None = None
@@ -94,13 +110,24 @@ class _ProxyLeg(protocol.Protocol):
         sockopts.set_keepalive(self.transport)
         peer = self.transport.getPeer()
         self.label = f"proxy {getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.transport.write(encode_handshake(f"server:{self.key} {ASK}"))
+        if self.answerer is None:
+            self.transport.write(encode_handshake(f"server:{self.key} {ASK}"))
+            return
+        self.transport.bufferSize = boardauth.CHALLENGE_BYTES  # nothing follows it unasked
+        key = f"server:{self.key} {ASK} {boardauth.PROXY_OPTION}"
+        self.transport.write(encode_handshake(key))
+        self._challenge_timer = self.clock.callLater(
+            boardauth.CHALLENGE_TIMEOUT, self._no_challenge
+        )
 
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
         if self.answered.called:
             if not self.handed:
                 self.transport.abortConnection()  # session bytes before the worker took over
+            return
+        if self.answerer is not None:
+            self._challenge_data(data)
             return
         try:
             result = self.decoder.feed(data)
@@ -114,6 +141,13 @@ class _ProxyLeg(protocol.Protocol):
         code, peer_key, rest = result
         if code == RPC_CODE_DUPLICATE:
             self._fail(DuplicateKeyError(f"key server:{self.key} is already in use at the proxy"))
+        elif code != RPC_CODE_SUCCESS and self.proved:
+            self._fail(
+                BoardProofError(
+                    "the proxy refused us after our board proof: is --board-secret-file "
+                    "the same file as the proxy's?"
+                )
+            )
         elif code != RPC_CODE_SUCCESS or peer_key is None:
             self._fail(ConnectionError("proxy has no matching client key"))
         elif rest:
@@ -131,12 +165,43 @@ class _ProxyLeg(protocol.Protocol):
             self.transport.pauseProducing()
             self.answered.callback(self)
 
+    def _challenge_data(self, data: bytes) -> None:
+        assert self.answerer is not None
+        try:
+            reply = self.answerer.feed(data)
+        except boardauth.FrameError as exc:
+            self._fail(BoardProofError(str(exc)))
+            return
+        if reply is None:
+            return
+        self._stop_challenge_timer()
+        self.answerer = None
+        self.transport.bufferSize = 4
+        self.transport.write(reply)
+        self.proved = True
+
+    def _no_challenge(self) -> None:
+        self._challenge_timer = None
+        self._fail(
+            BoardProofError(
+                f"no board challenge from the proxy within {boardauth.CHALLENGE_TIMEOUT:g} s: "
+                f"{boardauth.STOCK_PROXY_HINT}"
+            )
+        )
+
+    def _stop_challenge_timer(self) -> None:
+        timer, self._challenge_timer = self._challenge_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._stop_challenge_timer()
         if not self.answered.called:
             error = ConnectionError(f"closed before answering ({reason.getErrorMessage()})")
             self.answered.errback(Failure(error))
 
     def _fail(self, exc: Exception) -> None:
+        self._stop_challenge_timer()
         if not self.answered.called:
             self.answered.errback(Failure(exc))
         self.transport.abortConnection()
@@ -171,8 +236,10 @@ class ProxyConnector(service.Service):
         max_delay: float = 30.0,
         connect_timeout: float = 10.0,
         log_interval: float = 60.0,
+        board_secret: bytes | None = None,
     ) -> None:
         self.reactor = reactor
+        self.board_secret = board_secret
         self.board = board
         self.key = key
         self.proxy = proxy
@@ -243,7 +310,7 @@ class ProxyConnector(service.Service):
         if self._retry is not None and self._retry.active():
             return
         host, port = self.proxy
-        leg = _ProxyLeg(self.key)
+        leg = _ProxyLeg(self.key, self.board_secret, self.reactor)
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
         pending = connectProtocol(endpoint, leg)
         self._pending = pending
@@ -291,7 +358,9 @@ class ProxyConnector(service.Service):
         if not self.running or failure.check(defer.CancelledError):
             return
         waited = self.reactor.seconds() - self._leg_since if leg is not None else 0.0
-        if waited > self.LONG_WAIT and not failure.check(DuplicateKeyError, NotAProxyError):
+        if waited > self.LONG_WAIT and not failure.check(
+            DuplicateKeyError, NotAProxyError, BoardProofError
+        ):
             # The proxy let a long wait go (its --timeout-server, a restart): routine.
             log.info(
                 "proxy {host}:{port} ended our {secs:.0f}s wait ({err}); reconnecting",
