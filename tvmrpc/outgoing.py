@@ -7,8 +7,9 @@ connects over TLS and verifies the peer's certificate chain against
 and its name against ``host`` (service_identity).
 
 Invariants:
-- A :class:`Target` unpacks and indexes like the ``(host, port)`` tuple it
-  replaces; ``description`` is the endpoint string, or None for plain TCP.
+- ``HOST:PORT`` stays the plain ``(host, port)`` tuple; an endpoint string
+  is a :class:`Target`, which indexes like that tuple (``[0]``, ``[1]``)
+  and carries the string in ``description``.
 - :func:`parse_target` builds the endpoint once, so a bad string, a missing
   file or missing TLS support is a one-line usage error at start-up.
 """
@@ -55,11 +56,11 @@ def _field(description: str, name: str, position: int) -> str | None:
     return positional[position] if len(positional) > position else None
 
 
-def parse_target(value: str, flag: str = "--tracker") -> Target:
-    """``HOST:PORT`` or an endpoint string to a :class:`Target`; UsageError if bad."""
+def parse_target(value: str, flag: str = "--tracker") -> tuple[str, int] | Target:
+    """``HOST:PORT`` to ``(host, port)`` as before, an endpoint string to a
+    :class:`Target`; UsageError if bad."""
     if not value.startswith(ENDPOINT_PREFIXES):
-        host, port = parse_hostport(value)
-        return Target(host, port)
+        return parse_hostport(value)
     host = _field(value, "host", 0)
     port = _field(value, "port", 1)
     if not host or not port or not port.isdigit():

@@ -32,7 +32,7 @@ from twisted.python import usage
 
 from ..boardflags import BoardSecretOptions, check_board_flags
 from ..exiting import stop_with_exit_code
-from ..listening import ListenOptions, listening_service
+from ..listening import ListenOptions, listening_service, parse_hostport  # noqa: F401 - re-exported
 from ..outgoing import parse_target
 from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
