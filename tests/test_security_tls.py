@@ -67,3 +67,34 @@ def test_wrong_ca_or_hostname_is_refused(log_dir, pki, wrong):
             line = proxy.wait_for(r"#warn\] tracker \S+ failed TLS verification: " + why)
             print(line.group(0))
             assert "connected to tracker" not in proxy.output
+
+
+def test_the_whole_lab_secret_and_tls(log_dir, pki, tmp_path, mlp_library):  # noqa: F811
+    """Every measure at once: the tracker serves stock clients in plaintext and boards over
+    TLS, with a board secret; our proxy registers over TLS proving the secret; our server
+    waits at the proxy proving it too; a stock client outside --allow is refused, one inside
+    runs the compiled model on our server through the same tracker and proxy."""
+    from tests.server_support import start_server
+    from tests.test_security_allow import closed_unanswered
+    from tvmrpc.codec import TRACKER_MAGIC
+
+    lab, _, cert, key = pki
+    secret_file = tmp_path / "board.secret"
+    secret_file.write_text("lab-secret-0123456789abcdef\n")
+    secret = ("--board-secret-file", str(secret_file))
+    tracker_args = ("--listen", ssl_listen(cert, key), "--allow", "127.0.0.1/32", *secret)
+    with running(start_tracker(log_dir, *tracker_args)) as tracker:
+        plain, secure = tracker.port, tls_port(tracker)
+        target = tls_target("localhost", secure, lab.trust_dir)
+        with running(start_proxy(log_dir, "--tracker", target, *secret)) as proxy:
+            proxy.wait_for(r"connected to tracker")
+            board = ("--through-proxy", "--host", "127.0.0.1", "--port", str(proxy.port))
+            with running(start_server(log_dir, "lab", *board, *secret, listen=False)):
+                proxy.wait_for(r"put lab:\S+ at the tracker")
+                assert closed_unanswered(plain, TRACKER_MAGIC, "127.0.0.2")
+                session = rpc.connect_tracker("127.0.0.1", plain).request("lab", session_timeout=60)
+                assert run_mlp(session, mlp_library).ok
+                del session
+                gc.collect()
+        assert "refused" not in proxy.output
+        assert "refused a request" not in tracker.output
