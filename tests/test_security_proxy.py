@@ -112,3 +112,14 @@ def test_answerer_proves_for_its_key_and_rejects_a_stock_answer():
     stock = boardauth.ProxyAnswerer(secret, "lab")
     with pytest.raises(boardauth.FrameError, match="stock proxy"):
         stock.feed(struct.pack("<i", RPC_CODE_SUCCESS))
+
+
+def test_a_silent_server_leg_is_refused_at_the_handshake_timeout(log_dir, secret_file):
+    args = ("--board-secret-file", str(secret_file), "--handshake-timeout", "0.5")
+    with running(start_proxy(log_dir, *args)) as proxy:
+        silent = raw_leg(proxy.port, f"server:lab {boardauth.PROXY_OPTION}")
+        read_challenge(silent)
+        assert read_reply(silent) == (RPC_CODE_MISMATCH, None)
+        silent.close()
+        proxy.wait_for(r"#warn\] refused registration .*: no board proof within the handshake")
+        assert "waits as server" not in proxy.output

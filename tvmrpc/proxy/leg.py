@@ -330,6 +330,9 @@ class LegMixin:
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
+        if self._proof is not None:
+            self._refuse_board("no board proof within the handshake timeout")
+            return
         log.info("handshake from {leg} timed out", leg=self.peer_name)
         self._abort()
 
