@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import sockopts
+from .boardauth import BOARD_AUTH, BOARD_CHALLENGE, LABEL_TRACKER, proof
 from .codec import (
     MAX_REPLY_FRAME_BYTES,
     TRACKER_MAGIC,
@@ -232,8 +233,6 @@ class TrackerClientProtocol(Protocol):
         return Deferred.fromCoroutine(self._authenticate(secret, key))
 
     async def _authenticate(self, secret: bytes, key: str) -> None:
-        from .boardauth import BOARD_AUTH, BOARD_CHALLENGE, LABEL_TRACKER, proof
-
         if key in self._board_keys:
             return
         if self._nonce is None:
