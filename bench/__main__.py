@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m bench [tracker|server|proxy ...]`` (default: all).
+"""Run benchmarks: ``python -m bench [tracker|scale|server|proxy ...]`` (default: all).
 
 Each benchmark module has ``main(argv) -> int``; it starts the stock
 component and ours, drives both the same way, and prints figures and ratios.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("tracker", "server", "proxy")
+BENCHMARKS = ("tracker", "scale", "server", "proxy")
 
 
 def main(argv: list[str]) -> int:

@@ -33,7 +33,11 @@ class Table:
         self.rows.append(row)
         return row
 
-    def render(self) -> str:
+    def header(self) -> str:
+        """Title and column heads: print it, then each row's ``line()`` as it comes."""
         head = f"{'':<48} {'stock':>12} {'ours':>12} {'ours/stock':>10}"
-        lines = [f"== {self.title} ==", head, *(row.line() for row in self.rows)]
-        return "\n".join(lines)
+        return f"== {self.title} ==\n{head}"
+
+    def render(self) -> str:
+        """The whole table at once (for benchmarks that print it at the end)."""
+        return "\n".join([self.header(), *(row.line() for row in self.rows)])
