@@ -452,3 +452,23 @@ def test_a_key_that_leaves_takes_its_wait_statistics(clock_factory):
     server.close()
     assert factory.scheduler.queue_info() == {}
     assert factory.waits.mean_hold("rk") is None
+
+
+def test_summary_frame_is_the_json_of_the_summary_as_state_changes(clock_factory):
+    """The frame joined from its cached parts decodes to, and equals, encoding the whole."""
+    factory = clock_factory
+    boards = [Peer(factory, f"10.0.1.{i}") for i in range(3)]
+    for i, board in enumerate(boards):
+        board.send([5, {"key": "server:rk", "addr": [None, 9090 + i]}])
+        board.send([3, "rk", [9090 + i, f"rk:{i}"]])
+        expected = encode_frame([0, factory.summary()])
+        assert factory.summary_frame() == expected
+    client = Peer(factory, "10.0.2.1")
+    client.send([4, "rk", "me", 1])  # an assignment: queue counts change, infos do not
+    assert factory.summary_frame() == encode_frame([0, factory.summary()])
+    boards[1].close()  # rk:0 went to the client; rk:1 leaves with its board
+    frame = factory.summary_frame()
+    assert frame == encode_frame([0, factory.summary()])
+    summary = FrameDecoder().feed(frame)[0][1]
+    assert summary["queue_info"]["rk"]["free"] == 1
+    assert [s["addr"][1] for s in summary["server_info"]] == [9090, 9092]

@@ -28,12 +28,17 @@ Invariants:
   Peers in an ``allow_board_from`` network need no proof. Each connection
   gets its own nonce, so a recorded proof fails on any other connection.
 - SUMMARY is encoded once per change of state and the same bytes are sent to
-  every asker until the state changes again.
+  every asker until the state changes again. Its two parts are cached apart:
+  the server list (every board's info: the bulk at scale) is encoded again
+  only when some connection's info changes, the queue counts whenever the
+  scheduler's state changes; the frame is the two joined, byte for byte what
+  ``json.dumps`` makes of the whole.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +105,8 @@ class Phase(enum.Enum):
 # Module-level names for the per-frame checks: an enum class attribute costs
 # ten times a global lookup, and the tracker checks the phase on every read.
 _GREETING, _SERVING, _CLOSED = Phase.GREETING, Phase.SERVING, Phase.CLOSED
+#: The decoder of a connection not made yet (holds nothing; ``clear`` is harmless).
+_NO_DECODER = FrameDecoder()
 
 
 @implementer(IPushProducer)
@@ -112,8 +119,8 @@ class TrackerProtocol(Protocol):
         self.info: dict[str, Any] = {}
         self.peer_host = "?"
         self.phase = Phase.GREETING
-        self._greeting = MagicDecoder()
-        self._decoder = FrameDecoder()
+        self._greeting: MagicDecoder | None = MagicDecoder()  # dropped once greeted
+        self._decoder = _NO_DECODER  # its own from connectionMade (memory at 10,000 boards)
         self._stop_requested = False
         self._write_paused = False  # the transport's write buffer is over its bound
         self._reading_paused = False  # we told the transport to stop reading
@@ -152,9 +159,10 @@ class TrackerProtocol(Protocol):
             return
         sockopts.quickack(self.transport)
         if phase is _GREETING:
-            greeting = self._greeting.feed(data)
+            greeting = self._greeting.feed(data)  # type: ignore[union-attr]
             if greeting is None:
                 return
+            self._greeting = None
             self._cancel_handshake_timer()
             magic, data = greeting
             if magic != TRACKER_MAGIC:
@@ -458,6 +466,7 @@ class TrackerFactory(Factory):
         self.frames_per_turn = frames_per_turn
         self._info_generation = 0
         self._summary_cache: tuple[tuple[int, int], bytes] | None = None
+        self._servers_cache: tuple[int, bytes] | None = None
 
     def forget(self, conn: TrackerProtocol) -> None:
         """Drop a connection's requests and resources (idempotent)."""
@@ -534,23 +543,34 @@ class TrackerFactory(Factory):
         trackers answer as a plain SUMMARY) adds our ``"tvmrpc"`` field:
         each key's expected wait in seconds (``null`` while unknown).
         """
-        servers = [
-            conn.info
-            for conn in self.connections
-            if str(conn.info.get("key", "")).startswith("server")
-        ]
-        summary = {"queue_info": self.scheduler.queue_info(), "server_info": servers}
+        summary = {"queue_info": self.scheduler.queue_info(), "server_info": self._servers()}
         if extended:
             summary["tvmrpc"] = {"expected_wait_seconds": self.expected_waits()}
         return summary
+
+    def _servers(self) -> list[dict[str, Any]]:
+        return [
+            conn.info
+            for conn in self.connections
+            if conn.info and str(conn.info.get("key", "")).startswith("server")
+        ]
 
     def summary_frame(self) -> bytes:
         """The encoded plain SUMMARY reply, cached until the state changes."""
         version = (self.scheduler.generation, self._info_generation)
         cache = self._summary_cache
         if cache is None or cache[0] != version:
-            cache = self._summary_cache = (
-                version,
-                encode_frame([TrackerCode.SUCCESS, self.summary()]),
+            servers = self._servers_cache
+            if servers is None or servers[0] != self._info_generation:
+                servers = self._servers_cache = (
+                    self._info_generation,
+                    json.dumps(self._servers()).encode("utf-8"),
+                )
+            queues = json.dumps(self.scheduler.queue_info()).encode("utf-8")
+            payload = b'[%d, {"queue_info": %s, "server_info": %s}]' % (
+                TrackerCode.SUCCESS,
+                queues,
+                servers[1],
             )
+            cache = self._summary_cache = (version, encode_int32(len(payload)) + payload)
         return cache[1]
