@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -35,26 +34,12 @@ from ..codec import (
     parse_key,
 )
 from .board import Board
+from .handoff import detach
 
 log = Logger(namespace="tvmrpc.server.handshake")
 
 #: Decides whether a client's match key may start a session (and claims it).
 Matcher = Callable[[str], bool]
-
-
-def detach(transport: Any) -> socket.socket:
-    """Take a TCP connection away from Twisted: return a blocking duplicate of its socket.
-
-    Twisted's own descriptor is closed without ``shutdown()``, so the
-    connection stays up in whoever holds the duplicate.
-    """
-    handle = transport.getHandle()
-    sock = socket.socket(handle.family, handle.type, handle.proto, os.dup(handle.fileno()))
-    sock.setblocking(True)
-    transport.stopReading()
-    transport._shouldShutdown = False  # close our fd only; the worker keeps it
-    transport.loseConnection()
-    return sock
 
 
 class ServerHandshake(protocol.Protocol):
@@ -140,7 +125,7 @@ class ServerHandshake(protocol.Protocol):
             self._close()
             return None
         self.state = "handed"
-        return detach(self.transport)
+        return detach(self.factory.reactor, self.transport)
 
     def reject(self) -> None:
         self._close()

@@ -52,7 +52,7 @@ from ..codec import (
 from ..ratelimit import RateLimit
 from ..status.peeraddr import ASK, told
 from .board import Board
-from .handshake import detach
+from .handoff import detach, read_at_most
 from .lifecycle import Announcement, Lifecycle, State
 
 log = Logger(namespace="tvmrpc.server.proxy")
@@ -105,7 +105,7 @@ class _ProxyLeg(protocol.Protocol):
         # Read no byte past the answer: the client's first session packet may
         # follow it at once, and it belongs to the worker.
         self._seen = b""
-        self.transport.bufferSize = 4
+        read_at_most(self.transport, 4)
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport)
         peer = self.transport.getPeer()
@@ -113,7 +113,7 @@ class _ProxyLeg(protocol.Protocol):
         if self.answerer is None:
             self.transport.write(encode_handshake(f"server:{self.key} {ASK}"))
             return
-        self.transport.bufferSize = boardauth.CHALLENGE_BYTES  # nothing follows it unasked
+        read_at_most(self.transport, boardauth.CHALLENGE_BYTES)  # nothing follows it unasked
         key = f"server:{self.key} {ASK} {boardauth.PROXY_OPTION}"
         self.transport.write(encode_handshake(key))
         self._challenge_timer = self.clock.callLater(
@@ -136,7 +136,7 @@ class _ProxyLeg(protocol.Protocol):
             return
         if result is None:
             self._seen += data
-            self.transport.bufferSize = max(1, answer_bytes_missing(self._seen))
+            read_at_most(self.transport, answer_bytes_missing(self._seen))
             return
         code, peer_key, rest = result
         if code == RPC_CODE_DUPLICATE:
@@ -176,7 +176,7 @@ class _ProxyLeg(protocol.Protocol):
             return
         self._stop_challenge_timer()
         self.answerer = None
-        self.transport.bufferSize = 4
+        read_at_most(self.transport, 4)
         self.transport.write(reply)
         self.proved = True
 
@@ -212,7 +212,10 @@ class _ProxyLeg(protocol.Protocol):
         if self.handed or not self.transport.connected:
             return None
         self.handed = True
-        return detach(self.transport)
+        reactor = self.clock
+        if reactor is None:
+            from twisted.internet import reactor
+        return detach(reactor, self.transport)
 
     def reject(self) -> None:
         self.transport.abortConnection()
