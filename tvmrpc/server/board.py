@@ -144,6 +144,9 @@ class Board:
         session_dir = self.session_root.new_session()
         started = time.monotonic()
         timeout = ticket.timeout or self.max_session_seconds
+        # The worker first: the client waits for it, not for our log line.
+        d = self.runtime.serve(sock, session_dir)
+        self.current = d
         log.info(
             "session started for {peer} in {dir} (timeout {timeout})",
             peer=ticket.label,
@@ -154,8 +157,6 @@ class Board:
         self.observer.session_started(client, timeout, sock)
         if self.lifecycle is not None:
             self.lifecycle.session_started()
-        d = self.runtime.serve(sock, session_dir)
-        self.current = d
         self._aborted = False
         for observer in list(self.session_observers):
             observer(ticket.label)

@@ -1,9 +1,12 @@
 """The worker zygote: ``python -m tvmrpc.server.worker`` (spawned by the daemon).
 
 One process loads ``tvm_ffi`` and the TVM runtime library once, then forks a
-fresh worker per session, one session ahead: the spare worker is forked,
-has loaded ``--load-library`` libraries and imported ``--init`` modules, and
-waits for its socket while the current session runs. It imports nothing of
+fresh worker per session, one session ahead: the spare worker is forked as
+the previous session ends, has loaded ``--load-library`` libraries and
+imported ``--init`` modules, and waits for its socket. It is not forked
+while a session runs: the fork and the spare's start-up would compete with
+that session for the CPU (on a 2-core board this cost a short session about
+a millisecond). It imports nothing of
 tvmrpc besides this module and nothing heavy: numpy, ml_dtypes, cloudpickle and tornado are blocked
 while ``tvm_ffi`` loads (it only tries numpy optionally), so the zygote has
 no threads and forking it is safe and fast.
@@ -323,8 +326,9 @@ class Zygote:
     """The fork server loop (see the module docstring for the protocol).
 
     A spare worker is forked ahead of time (libraries loaded, ``--init``
-    modules imported) so that a session starts with one fd hand-off, and the
-    fork and its page-table copy happen while the previous session runs.
+    modules imported) so that a session starts with one fd hand-off; the
+    fork and its page-table copy happen once the previous session ended,
+    not while it runs.
     """
 
     respawn_delay = 1.0
@@ -478,12 +482,20 @@ class Zygote:
         self.session_dirs[spare.pid] = root
         self.done_pipes[spare.done] = (session_id, spare.pid)
         self.send({"event": "started", "id": session_id, "pid": spare.pid})
-        self.spare_due = time.monotonic()
+        # The next spare is forked once this session ends, not while it runs: a
+        # fork and a worker's start-up compete with the session for the CPU.
+        self.spare_due = None
+
+    def spare_after_session(self) -> None:
+        """A session ended: fork the next spare now (unless one is there or due)."""
+        if self.spare is None and self.spare_due is None:
+            self.spare_due = time.monotonic()
 
     def finished(self, fd: int) -> None:
         session_id, pid = self.done_pipes.pop(fd)
         data = os.read(fd, 16)
         os.close(fd)
+        self.spare_after_session()
         if data:
             self.send({"event": "finished", "id": session_id, "pid": pid})
 
@@ -512,6 +524,7 @@ class Zygote:
                 shutil.rmtree(session_dir, ignore_errors=True)
             session_id = self.children.pop(pid, None)
             if session_id is not None:
+                self.spare_after_session()
                 self.send({"event": "exited", "id": session_id, "pid": pid, "code": code})
 
     def checked(self, pid: int, code: int) -> None:
