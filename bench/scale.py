@@ -184,9 +184,10 @@ def main(flags: list[str]) -> int:
     parser.add_argument(
         "--stock-boards",
         type=int,
-        default=200,
-        help="boards for the stock tracker (default 200: it takes ~0.2 s per board to "
-        "register, as its listen backlog is 1 and each reply is two writes; 0 skips it)",
+        default=None,
+        help="boards for the stock tracker (default 200, 50 with --quick: it takes ~0.2 s "
+        "per board to register, as its listen backlog is 1 and each reply is two writes; "
+        "0 skips it)",
     )
     args, _ = parser.parse_known_args(flags)
     boards = args.boards or (1000 if args.quick else 10000)
@@ -194,7 +195,8 @@ def main(flags: list[str]) -> int:
     n = 20 if args.quick else 50
     seconds = 1.0 if args.quick else 3.0  # REQUEST clients stop at this or ``requests``
     raise_nofile()
-    small = min(args.stock_boards, boards)
+    stock_boards = args.stock_boards if args.stock_boards is not None else 50 if args.quick else 200
+    small = min(stock_boards, boards)
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         logs = Path(tmp)

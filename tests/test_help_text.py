@@ -54,7 +54,7 @@ def help_texts() -> dict[str, str]:
     for daemon in ("tracker", "proxy", "server"):
         options = importlib.import_module(f"tvmrpc.{daemon}.service").Options()
         texts[f"twistd tvm-{daemon}"] = str(options)
-    for bench in ("tracker", "server", "proxy"):
+    for bench in ("tracker", "scale", "server", "proxy"):
         module = importlib.import_module(f"bench.{bench}")
         texts[f"bench {bench}"] = rendered(lambda module=module: module.main(["--help"]))
     return texts
