@@ -125,7 +125,12 @@ class ServerHandshake(protocol.Protocol):
             self._close()
             return None
         self.state = "handed"
-        return detach(self.factory.reactor, self.transport)
+        sock = detach(self.factory.reactor, self.transport)
+        # Twisted no longer reports this connection's end (it lives on in the worker),
+        # so end it for this daemon: per-connection bookkeeping such as the per-peer
+        # cap (tvmrpc/listening.py) lets go now. In the "handed" state this does nothing else.
+        self.connectionLost(Failure(ConnectionDone("handed to a worker")))
+        return sock
 
     def reject(self) -> None:
         self._close()
