@@ -153,6 +153,17 @@ def prepare_worker(args: argparse.Namespace) -> None:
             ) from None
 
 
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``conn`` (its timeout bounds each wait); raise if it closes."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
 def self_test(tvm_ffi: Any) -> None:
     """Serve one loopback RPC session with ``rpc.ServerLoop`` and call a packed function.
 
@@ -177,8 +188,10 @@ def self_test(tvm_ffi: Any) -> None:
         try:
             conn, _ = listener.accept()
             conn.settimeout(10)
-            magic, length = struct.unpack("<ii", conn.recv(8, socket.MSG_WAITALL))
-            conn.recv(length, socket.MSG_WAITALL)
+            # The client writes magic, length and key separately; a socket with a
+            # timeout is non-blocking underneath, so MSG_WAITALL may return less.
+            magic, length = struct.unpack("<ii", _recv_exactly(conn, 8))
+            _recv_exactly(conn, length)
             key = b"server:health-check"
             conn.sendall(struct.pack("<ii", magic, len(key)) + key)
             conn.setblocking(True)
