@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import json
 import struct
-from pathlib import Path
 
 import pytest
 from tvm import rpc
@@ -23,19 +22,11 @@ from tests.support import (
     start_tracker,
     stock_tracker_socket,
 )
+from tests.tls_support import SECRET
 from tvmrpc import boardauth
 
 pytestmark = pytest.mark.stock
 
-SECRET = "lab-secret-0123456789abcdef"
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "board.secret"
-    path.write_text(SECRET + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def call(sock, value):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import socket
 import struct
-from pathlib import Path
 
 import pytest
 from tvm import rpc
@@ -21,19 +20,12 @@ from tests.proxy_support import (
     start_proxy,
 )
 from tests.support import running
+from tests.tls_support import SECRET
 from tvmrpc import boardauth
 from tvmrpc.codec import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 
 pytestmark = pytest.mark.stock
 
-SECRET = "lab-secret-0123456789abcdef"
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "board.secret"
-    path.write_text(SECRET + "\n")
-    return path
 
 
 def read_challenge(sock: socket.socket) -> str:

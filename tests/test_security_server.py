@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import struct
-from pathlib import Path
 
 import pytest
 from tvm import rpc
@@ -22,14 +21,6 @@ from tvmrpc.mlp import run_mlp
 
 pytestmark = pytest.mark.stock
 
-SECRET = "lab-secret-0123456789abcdef"
-
-
-@pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
-    path = tmp_path / "board.secret"
-    path.write_text(SECRET + "\n")
-    return path
 
 
 def call(sock, value):

@@ -82,3 +82,8 @@ def tls_target(host: str, port: int, trust: Path, via: str | None = None) -> str
     if via is not None:
         target += ":endpoint=tcp\\:" + via.replace(":", "\\:")
     return target
+
+
+#: The board secret the security tests share (our daemons read it from a file).
+SECRET = "lab-secret-0123456789abcdef"
+
