@@ -4,7 +4,7 @@
 #   ./dev.sh demo   - tracker, proxy and servers, a stock client runs a compiled model
 #   ./dev.sh test   - system packages (as root), ruff, then the test suite (what CI runs)
 #   ./dev.sh bench  - side-by-side benchmarks against stock TVM
-#   ./dev.sh lint   - ruff
+#   ./dev.sh lint   - ruff check, ruff format --check, mypy (CI runs it before the tests)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${TVMRPC_VENV:-.venv}
@@ -45,7 +45,10 @@ system_packages() {
     echo "  sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
   fi
 }
-lint() { ruff check tvmrpc twisted crossbuild tests bench; }
+lint() {
+  local paths=(tvmrpc twisted crossbuild tests bench)
+  ruff check "${paths[@]}" && ruff format --check --quiet "${paths[@]}" && mypy
+}
 cmd=${1:-test}
 shift || true
 case "$cmd" in

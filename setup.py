@@ -65,7 +65,8 @@ setup(
             "selenium>=4.11",
             "build",
         ],
-        "dev": ["ruff>=0.5"],
+        # The lint step: ruff (check and format) and mypy with the zope.interface plugin.
+        "dev": ["ruff>=0.5", "mypy>=1.10", "mypy-zope>=1.0", "types-pyOpenSSL"],
     },
     entry_points={
         "console_scripts": [

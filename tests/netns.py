@@ -69,7 +69,7 @@ def remove_stale() -> list[str]:
         name = line.split()[0] if line.strip() else ""
         if not name.startswith(PREFIX):
             continue
-        pid = name[len(PREFIX):].split("-", 1)[0]
+        pid = name[len(PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             ip("netns", "delete", name, check=False)
             removed.append(name)
@@ -204,15 +204,33 @@ class Topology:
             self.created.append(ns)
             ns.ip("link", "set", "lo", "up")
         for link in self.links:
-            ip("link", "add", link.left_dev, "netns", link.left, "type", "veth",
-               "peer", "name", link.right_dev, "netns", link.right)
-            for ns, dev, addr in ((link.left, link.left_dev, link.left_addr),
-                                  (link.right, link.right_dev, link.right_addr)):
+            ip(
+                "link",
+                "add",
+                link.left_dev,
+                "netns",
+                link.left,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                link.right_dev,
+                "netns",
+                link.right,
+            )
+            for ns, dev, addr in (
+                (link.left, link.left_dev, link.left_addr),
+                (link.right, link.right_dev, link.right_addr),
+            ):
                 ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 ip("-n", ns, "link", "set", dev, "up")
         # /proc/sys/net is the writer's namespace's; sh, not sysctl: procps may be absent.
-        subprocess.run(self.b.argv("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"),
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            self.b.argv("sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"),
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         self.a.ip("route", "add", "default", "via", self.B_A_ADDR)
         self.c.ip("route", "add", "default", "via", self.B_C_ADDR)
         self.d.ip("route", "add", "default", "via", self.B_D_ADDR)

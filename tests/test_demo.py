@@ -26,7 +26,10 @@ PID = re.compile(r"^  (\S+)\s+pid (\d+)", re.M)
 def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tvmrpc.cli", "demo", *args],
-        capture_output=True, text=True, env=subprocess_env(), timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=timeout,
     )
 
 
@@ -78,9 +81,11 @@ def test_keep_leaves_daemons_running_and_says_how_to_stop_them(tmp_path: Path) -
         port = int(re.search(r"tvmrpc query --host 127\.0\.0\.1 --port (\d+)", out).group(1))
         state = tracker_state.wait_until(
             ("127.0.0.1", port),
-            lambda s: all(tracker_state.queue(s, k)[0] == 1
-                          for k in ("demo-direct", "demo-proxied")),
-            30, "both servers registered again after the demo's sessions",
+            lambda s: all(
+                tracker_state.queue(s, k)[0] == 1 for k in ("demo-direct", "demo-proxied")
+            ),
+            30,
+            "both servers registered again after the demo's sessions",
         )
         assert len(state["server_info"]) == 2
         stop = re.search(r"kill -TERM -- ((?:-\d+ ?)+)", out).group(1).split()

@@ -19,23 +19,41 @@ pytestmark = pytest.mark.stock
 
 def query(port: int, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "tvmrpc.cli", "query", "--host", "127.0.0.1",
-         "--port", str(port), *args],
-        capture_output=True, text=True, env=subprocess_env(), timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tvmrpc.cli",
+            "query",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=True,
     )
     return done.stdout
 
 
 def test_servers_behind_proxy_registered_and_reached(log_dir, tmp_path):
     library = build_mlp(tmp_path / "model")
-    with running(start_tracker(log_dir)) as tracker, running(
-        start_proxy(log_dir, "--tracker", f"127.0.0.1:{tracker.port}",
-                    "--custom-addr", "127.0.0.1")
-    ) as proxy:
+    with (
+        running(start_tracker(log_dir)) as tracker,
+        running(
+            start_proxy(
+                log_dir, "--tracker", f"127.0.0.1:{tracker.port}", "--custom-addr", "127.0.0.1"
+            )
+        ) as proxy,
+    ):
         proxy.wait_for(r"connected to tracker")
         mark = proxy.mark()
-        with running(start_proxied_server(log_dir, proxy, "boardA")), running(
-            start_proxied_server(log_dir, proxy, "boardB", name="b")
+        with (
+            running(start_proxied_server(log_dir, proxy, "boardA")),
+            running(start_proxied_server(log_dir, proxy, "boardB", name="b")),
         ):
             proxy.wait_for(r"put boardA:\S+ at the tracker", start=mark)
             proxy.wait_for(r"put boardB:\S+ at the tracker", start=mark)
@@ -69,7 +87,8 @@ def test_tracker_restart_reregisters_waiting_servers(log_dir):
                 proxy.wait_for(r"lost the tracker connection")
                 mark = proxy.mark()
                 again = Daemon(
-                    "tvm-tracker", ["--listen", f"tcp:{port}:interface=127.0.0.1"],
+                    "tvm-tracker",
+                    ["--listen", f"tcp:{port}:interface=127.0.0.1"],
                     log_dir / "t2.log",
                 )
                 with running(again):
@@ -78,15 +97,26 @@ def test_tracker_restart_reregisters_waiting_servers(log_dir):
                     proxy.wait_for(r"put rst:\S+ at the tracker", start=mark)
                     assert "server:proxy[rst]" in query(port)
                     session = rpc.connect_tracker("127.0.0.1", port).request(
-                        "rst", session_timeout=60)
+                        "rst", session_timeout=60
+                    )
                     assert session.get_function("testing.echo")(5) == 5
 
 
 def test_key_handed_out_but_unused_is_regenerated(log_dir):
-    with running(start_tracker(log_dir)) as tracker, running(
-        start_proxy(log_dir, "--tracker", f"127.0.0.1:{tracker.port}",
-                    "--tracker-period", "0.2", "--alloc-timeout", "0.5")
-    ) as proxy:
+    with (
+        running(start_tracker(log_dir)) as tracker,
+        running(
+            start_proxy(
+                log_dir,
+                "--tracker",
+                f"127.0.0.1:{tracker.port}",
+                "--tracker-period",
+                "0.2",
+                "--alloc-timeout",
+                "0.5",
+            )
+        ) as proxy,
+    ):
         proxy.wait_for(r"connected to tracker")
         with running(start_proxied_server(log_dir, proxy, "lost")):
             first = proxy.wait_for(r"put (lost:\S+) at the tracker").group(1)
@@ -99,5 +129,6 @@ def test_key_handed_out_but_unused_is_regenerated(log_dir):
             second = proxy.wait_for(r"put (lost:\S+) at the tracker", start=mark).group(1)
             assert second != first
             session = rpc.connect_tracker("127.0.0.1", tracker.port).request(
-                "lost", session_timeout=60)
+                "lost", session_timeout=60
+            )
             assert session.get_function("testing.echo")("again") == "again"

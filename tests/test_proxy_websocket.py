@@ -19,8 +19,9 @@ def test_websocket_server_and_tcp_client(log_dir, tmp_path):
     asset = tmp_path / "runtime.js"
     asset.write_text("// js")
     with running(
-        start_proxy(log_dir, "--index-page", str(page), "--resource-files", f"/dist={asset}",
-                    web=True)
+        start_proxy(
+            log_dir, "--index-page", str(page), "--resource-files", f"/dist={asset}", web=True
+        )
     ) as proxy:
         url = f"ws://127.0.0.1:{proxy.web_port}/ws"
         with running(start_websocket_server(log_dir, url, "wasm")):

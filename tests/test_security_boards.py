@@ -28,7 +28,6 @@ from tvmrpc import boardauth
 pytestmark = pytest.mark.stock
 
 
-
 def call(sock, value):
     """One tracker request/reply on a raw stock-style socket."""
     frame = json.dumps(value).encode()

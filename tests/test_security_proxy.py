@@ -27,7 +27,6 @@ from tvmrpc.codec import RPC_CODE_MISMATCH, RPC_CODE_SUCCESS
 pytestmark = pytest.mark.stock
 
 
-
 def read_challenge(sock: socket.socket) -> str:
     (code, length) = struct.unpack("<ii", recvall(sock, 8))
     assert code == boardauth.RPC_CODE_CHALLENGE

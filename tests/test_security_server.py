@@ -22,7 +22,6 @@ from tvmrpc.mlp import run_mlp
 pytestmark = pytest.mark.stock
 
 
-
 def call(sock, value):
     frame = json.dumps(value).encode()
     sock.sendall(struct.pack("<i", len(frame)) + frame)

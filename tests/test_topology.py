@@ -66,17 +66,35 @@ class Lab:
     def start(self) -> None:
         topo = self.topo
         self.start_tracker()
-        proxy = self.spawn(topo.b, "proxy", daemons.proxy_argv(
-            "0.0.0.0", ("127.0.0.1", TRACKER_PORT), custom_addr=topo.B_A_ADDR, port=PROXY_PORT,
-        ) + DEAD_PEER_FLAGS)
+        proxy = self.spawn(
+            topo.b,
+            "proxy",
+            daemons.proxy_argv(
+                "0.0.0.0",
+                ("127.0.0.1", TRACKER_PORT),
+                custom_addr=topo.B_A_ADDR,
+                port=PROXY_PORT,
+            )
+            + DEAD_PEER_FLAGS,
+        )
         proxy.wait_for(r"tvm-proxy listening on", START)
-        self.spawn(topo.c, "server-c", daemons.proxied_server_argv(
-            (topo.B_C_ADDR, PROXY_PORT), "board-c") + DEAD_PEER_FLAGS)
+        self.spawn(
+            topo.c,
+            "server-c",
+            daemons.proxied_server_argv((topo.B_C_ADDR, PROXY_PORT), "board-c") + DEAD_PEER_FLAGS,
+        )
         for n in (1, 2):
-            self.spawn(topo.d, f"server-d{n}", daemons.proxied_server_argv(
-                (topo.B_D_ADDR, PROXY_PORT), "board-d") + DEAD_PEER_FLAGS)
-        self.wait_state(lambda s: all(self.free(s, k) == n for k, n in KEYS.items()),
-                        START, "every board registered through the proxy")
+            self.spawn(
+                topo.d,
+                f"server-d{n}",
+                daemons.proxied_server_argv((topo.B_D_ADDR, PROXY_PORT), "board-d")
+                + DEAD_PEER_FLAGS,
+            )
+        self.wait_state(
+            lambda s: all(self.free(s, k) == n for k, n in KEYS.items()),
+            START,
+            "every board registered through the proxy",
+        )
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -95,14 +113,28 @@ class Lab:
     def wait_state(self, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
         """Poll the tracker's SUMMARY from A (every ~0.2 s) until ``predicate`` holds."""
         return tracker_state.wait_until(
-            self.tracker_address, predicate, timeout, what, connect=self.topo.a.connect)
+            self.tracker_address, predicate, timeout, what, connect=self.topo.a.connect
+        )
 
     def client(self, key: str, name: str, *extra: str) -> Process:
         """A stock client in A: request ``key``, upload the MLP, run, check (one JSON line)."""
         host, port = self.tracker_address
-        return self.spawn(self.topo.a, name, [
-            sys.executable, "-m", "tvmrpc.demo.session", "--tracker", f"{host}:{port}",
-            "--key", key, "--library", str(self.library), *extra])
+        return self.spawn(
+            self.topo.a,
+            name,
+            [
+                sys.executable,
+                "-m",
+                "tvmrpc.demo.session",
+                "--tracker",
+                f"{host}:{port}",
+                "--key",
+                key,
+                "--library",
+                str(self.library),
+                *extra,
+            ],
+        )
 
     @staticmethod
     def outcome(proc: Process, timeout: float) -> dict[str, Any]:
@@ -116,9 +148,21 @@ class Lab:
 
     def query(self, *args: str) -> str:
         host, port = self.tracker_address
-        proc = self.spawn(self.topo.a, f"query{len(self.procs)}", [
-            sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port),
-            *args])
+        proc = self.spawn(
+            self.topo.a,
+            f"query{len(self.procs)}",
+            [
+                sys.executable,
+                "-m",
+                "tvmrpc.cli",
+                "query",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                *args,
+            ],
+        )
         code = proc.proc.wait(START)
         proc.stop()  # also waits until all its output has been read
         assert code == 0, proc.output
@@ -173,19 +217,25 @@ def test_a_cannot_reach_the_boards_but_b_can(topo: Topology) -> None:
 def test_stock_client_in_a_runs_the_mlp_on_each_board(lab: Lab) -> None:
     for key in KEYS:
         lab.served(key, f"client-{key}")
-    lab.wait_state(lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
-                   START, "servers back at the proxy after their sessions")
+    lab.wait_state(
+        lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
+        START,
+        "servers back at the proxy after their sessions",
+    )
 
 
 def test_query_from_a_shows_the_proxy_and_the_queue(lab: Lab, topo: Topology) -> None:
     table = lab.query()
     assert f"Tracker address {topo.B_A_ADDR}:{TRACKER_PORT}" in table
-    assert re.search(rf"{re.escape(topo.B_A_ADDR)}:{PROXY_PORT}\s+server:proxy\[board-c,board-d\]",
-                     table), table
+    assert re.search(
+        rf"{re.escape(topo.B_A_ADDR)}:{PROXY_PORT}\s+server:proxy\[board-c,board-d\]", table
+    ), table
     assert "Queue Status" in table
     state = json.loads(lab.query("--json"))
     assert {k: (v["free"], v["pending"]) for k, v in state["queue_info"].items()} == {
-        "board-c": (1, 0), "board-d": (2, 0)}
+        "board-c": (1, 0),
+        "board-d": (2, 0),
+    }
     (info,) = state["server_info"]
     assert info == {"key": "server:proxy[board-c,board-d]", "addr": [topo.B_A_ADDR, PROXY_PORT]}
 
@@ -194,20 +244,29 @@ def test_cut_cable_to_d_then_restore(lab: Lab, topo: Topology) -> None:
     topo.set_link(topo.b, "to-d", up=False)
     try:
         lab.served("board-c", "client-c-while-d-cut")
-        lab.wait_state(lambda s: lab.free(s, "board-d") == 0 and lab.free(s, "board-c") == 1,
-                       DEAD_PEER, "D's resources gone from the queue, C's still there")
+        lab.wait_state(
+            lambda s: lab.free(s, "board-d") == 0 and lab.free(s, "board-c") == 1,
+            DEAD_PEER,
+            "D's resources gone from the queue, C's still there",
+        )
         # One try only: a dead resource handed to it fails it instead of being retried.
         waiting = lab.client("board-d", "client-d-waiting", "--max-retry", "1")
-        state = lab.wait_state(lambda s: lab.pending(s, "board-d") == 1, START,
-                               "the request for board-d queued at the tracker")
+        state = lab.wait_state(
+            lambda s: lab.pending(s, "board-d") == 1,
+            START,
+            "the request for board-d queued at the tracker",
+        )
         assert lab.free(state, "board-d") == 0
         table = lab.query()
         assert re.search(r"^board-d\s+\d+\s+0\s+1\s*$", table, re.M), table
     finally:
         topo.set_link(topo.b, "to-d", up=True)
     lab.outcome(waiting, DEAD_PEER)  # served by D once it is back, within its request
-    lab.wait_state(lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
-                   DEAD_PEER, "both D servers registered again")
+    lab.wait_state(
+        lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
+        DEAD_PEER,
+        "both D servers registered again",
+    )
     lab.served("board-d", "client-d-after")
 
 
@@ -216,7 +275,10 @@ def test_tracker_killed_and_restarted(lab: Lab) -> None:
     lab.tracker.signal(signal.SIGKILL)
     lab.tracker.proc.wait(10)
     lab.start_tracker("tracker-restarted")
-    lab.wait_state(lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
-                   START, "everything registered at the restarted tracker")
+    lab.wait_state(
+        lambda s: all(lab.free(s, k) == n for k, n in KEYS.items()),
+        START,
+        "everything registered at the restarted tracker",
+    )
     for key in KEYS:
         lab.served(key, f"client-{key}-after-restart")

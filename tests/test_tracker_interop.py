@@ -55,7 +55,10 @@ def wait_until(predicate, what: str, timeout: float = 30.0):
 def query(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tvmrpc.cli", "query", *args],
-        capture_output=True, text=True, env=subprocess_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
     )
 
 
@@ -83,13 +86,28 @@ def test_query_is_byte_identical_to_stock(tracker, log_dir):
         for i, key in enumerate(["rasp3b", "rk3399", "rk3399"])
     ]
     try:
-        wait_until(lambda: summary(port)["queue_info"].get("rk3399", {}).get("free") == 2
-                   and summary(port)["queue_info"].get("rasp3b", {}).get("free") == 1,
-                   "three stock servers registered")
+        wait_until(
+            lambda: (
+                summary(port)["queue_info"].get("rk3399", {}).get("free") == 2
+                and summary(port)["queue_info"].get("rasp3b", {}).get("free") == 1
+            ),
+            "three stock servers registered",
+        )
         stock = subprocess.run(
-            [sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1",
-             "--port", str(port)],
-            capture_output=True, text=True, env=subprocess_env(), timeout=60, check=True,
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.query_rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+            check=True,
         ).stdout
         ours = query("--host", "127.0.0.1", "--port", str(port))
         assert ours.returncode == 0, ours.stderr
@@ -123,8 +141,10 @@ def test_priority_then_fifo_with_stock_wire(tracker):
         sock = stock_tracker_socket(port)
         base.sendjson(sock, [base.TrackerCode.REQUEST, "prio", user, priority])
         clients.append((user, sock))
-        wait_until(lambda n=len(clients): summary(port)["queue_info"]["prio"]["pending"] == n,
-                   f"{len(clients)} requests queued")
+        wait_until(
+            lambda n=len(clients): summary(port)["queue_info"]["prio"]["pending"] == n,
+            f"{len(clients)} requests queued",
+        )
     server = stock_tracker_socket(port)
     order = []
     remaining = dict(clients)
@@ -238,7 +258,8 @@ def test_many_concurrent_stock_clients_all_served(tracker, log_dir):
         def one(i: int) -> None:
             try:
                 session = rpc.connect_tracker("127.0.0.1", port).request(
-                    "shared", priority=i % 3, session_timeout=60)
+                    "shared", priority=i % 3, session_timeout=60
+                )
                 assert session.get_function("testing.echo")(i) == i
                 del session
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -259,8 +280,9 @@ def test_busy_listen_endpoint_exits_nonzero(log_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = Daemon("tvm-tracker", ["--listen", f"tcp:{port}:interface=127.0.0.1"],
-                        log_dir / "busy.log")
+        daemon = Daemon(
+            "tvm-tracker", ["--listen", f"tcp:{port}:interface=127.0.0.1"], log_dir / "busy.log"
+        )
         with running(daemon):
             daemon.wait_for(r"tvm-tracker cannot listen on")
             assert daemon.proc.wait(30) == 1

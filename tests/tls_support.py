@@ -86,4 +86,3 @@ def tls_target(host: str, port: int, trust: Path, via: str | None = None) -> str
 
 #: The board secret the security tests share (our daemons read it from a file).
 SECRET = "lab-secret-0123456789abcdef"
-

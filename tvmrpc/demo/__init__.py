@@ -16,29 +16,59 @@ DEFAULT_STEP_TIMEOUT = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address every daemon binds to (default 127.0.0.1)")
-    parser.add_argument("--tracker-port", type=int, default=0,
-                        help="tracker port (default 0: a free port the kernel picks)")
-    parser.add_argument("--direct-key", default="demo-direct",
-                        help="key of the server registered with the tracker directly")
-    parser.add_argument("--proxied-key", default="demo-proxied",
-                        help="key of the server behind the proxy")
-    parser.add_argument("--log-dir", default=None,
-                        help="where daemon logs and the compiled model go (default: new temp dir)")
-    parser.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT,
-                        help=f"seconds any one step may take (default {DEFAULT_STEP_TIMEOUT:g})")
-    parser.add_argument("--keep", action="store_true",
-                        help="leave the daemons running and print how to use and stop them")
-    parser.add_argument("--board", choices=["aarch64"], default=None,
-                        help="run the proxied server on an emulated board of this architecture "
-                        "(needs root, binfmt_misc, qemu-user-static and mmdebstrap)")
-    parser.add_argument("--bundle", default=None, metavar="FILE.tar.gz",
-                        help="with --board: try this crossbuild bundle on the board instead of "
-                        "making one from this checkout")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where --board keeps its root filesystem and wheels "
-                        "(default: $TVMRPC_CACHE_DIR, else ~/.cache/tvmrpc)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address every daemon binds to (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--tracker-port",
+        type=int,
+        default=0,
+        help="tracker port (default 0: a free port the kernel picks)",
+    )
+    parser.add_argument(
+        "--direct-key",
+        default="demo-direct",
+        help="key of the server registered with the tracker directly",
+    )
+    parser.add_argument(
+        "--proxied-key", default="demo-proxied", help="key of the server behind the proxy"
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="where daemon logs and the compiled model go (default: new temp dir)",
+    )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=DEFAULT_STEP_TIMEOUT,
+        help=f"seconds any one step may take (default {DEFAULT_STEP_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the daemons running and print how to use and stop them",
+    )
+    parser.add_argument(
+        "--board",
+        choices=["aarch64"],
+        default=None,
+        help="run the proxied server on an emulated board of this architecture "
+        "(needs root, binfmt_misc, qemu-user-static and mmdebstrap)",
+    )
+    parser.add_argument(
+        "--bundle",
+        default=None,
+        metavar="FILE.tar.gz",
+        help="with --board: try this crossbuild bundle on the board instead of "
+        "making one from this checkout",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where --board keeps its root filesystem and wheels "
+        "(default: $TVMRPC_CACHE_DIR, else ~/.cache/tvmrpc)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

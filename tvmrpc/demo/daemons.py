@@ -76,10 +76,14 @@ def proxy_argv(
     """
     return twistd_argv(
         "tvm-proxy",
-        "--listen", f"tcp:{port}:interface={host}",
-        "--host", host,
-        "--tracker", f"{tracker[0]}:{tracker[1]}",
-        "--custom-addr", custom_addr or host,
+        "--listen",
+        f"tcp:{port}:interface={host}",
+        "--host",
+        host,
+        "--tracker",
+        f"{tracker[0]}:{tracker[1]}",
+        "--custom-addr",
+        custom_addr or host,
     )
 
 
@@ -87,10 +91,14 @@ def server_argv(host: str, key: str, tracker: tuple[str, int]) -> list[str]:
     """Our server, listening on ``host`` and registered with ``tracker`` directly."""
     return twistd_argv(
         "tvm-server",
-        "--listen", f"tcp:0:interface={host}",
-        "--host", host,
-        "--key", key,
-        "--tracker", f"{tracker[0]}:{tracker[1]}",
+        "--listen",
+        f"tcp:0:interface={host}",
+        "--host",
+        host,
+        "--key",
+        key,
+        "--tracker",
+        f"{tracker[0]}:{tracker[1]}",
     )
 
 
@@ -99,9 +107,12 @@ def proxied_server_argv(proxy: tuple[str, int], key: str) -> list[str]:
     return twistd_argv(
         "tvm-server",
         "--through-proxy",
-        "--host", proxy[0],
-        "--port", str(proxy[1]),
-        "--key", key,
+        "--host",
+        proxy[0],
+        "--port",
+        str(proxy[1]),
+        "--key",
+        key,
     )
 
 

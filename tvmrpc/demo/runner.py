@@ -92,38 +92,48 @@ class Demo:
 
     def start_tracker(self) -> None:
         with self.steps.step("start the tracker (twistd tvm-tracker)"):
-            tracker = self.launch("tracker", daemons.tracker_argv(self.args.host,
-                                                                   self.args.tracker_port))
+            tracker = self.launch(
+                "tracker", daemons.tracker_argv(self.args.host, self.args.tracker_port)
+            )
             self.tracker = tracker.wait_listening(self.args.step_timeout)
-            self.steps.note(f"listening on {self.tracker[0]}:{self.tracker[1]} "
-                            f"(pid {tracker.pid}, log {tracker.log_path.name})")
+            self.steps.note(
+                f"listening on {self.tracker[0]}:{self.tracker[1]} "
+                f"(pid {tracker.pid}, log {tracker.log_path.name})"
+            )
 
     def start_proxy(self) -> None:
         assert self.tracker is not None
         with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
             proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
             self.proxy = proxy.wait_listening(self.args.step_timeout)
-            self.steps.note(f"listening on {self.proxy[0]}:{self.proxy[1]} "
-                            f"(pid {proxy.pid}, log {proxy.log_path.name})")
+            self.steps.note(
+                f"listening on {self.proxy[0]}:{self.proxy[1]} "
+                f"(pid {proxy.pid}, log {proxy.log_path.name})"
+            )
 
     def start_servers(self) -> None:
         assert self.tracker is not None
         assert self.proxy is not None
         key = self.args.direct_key
         with self.steps.step(f"start a server with key {key!r}, registered with the tracker"):
-            server = self.launch("server-direct",
-                                 daemons.server_argv(self.args.host, key, self.tracker))
+            server = self.launch(
+                "server-direct", daemons.server_argv(self.args.host, key, self.tracker)
+            )
             state = self.wait_free(key)
             self.rows.append(Row(key, self.path_of(key, state)))
-            self.steps.note(f"registered: {self.rows[-1].path} "
-                            f"(pid {server.pid}, log {server.log_path.name})")
+            self.steps.note(
+                f"registered: {self.rows[-1].path} (pid {server.pid}, log {server.log_path.name})"
+            )
         key = self.args.proxied_key
         if self.board is not None:
-            title = (f"start tvm-server on the emulated aarch64 board with key {key!r}, "
-                     "through the proxy")
+            title = (
+                f"start tvm-server on the emulated aarch64 board with key {key!r}, "
+                "through the proxy"
+            )
             host, port = self.proxy
-            argv = self.board.server_argv("--through-proxy", "--host", host, "--port", str(port),
-                                          "--key", key)
+            argv = self.board.server_argv(
+                "--through-proxy", "--host", host, "--port", str(port), "--key", key
+            )
         else:
             title = f"start a server with key {key!r}, through the proxy"
             argv = daemons.proxied_server_argv(self.proxy, key)
@@ -134,8 +144,9 @@ class Demo:
             if self.board is not None:
                 path += " on the emulated aarch64 board"
             self.rows.append(Row(key, path, board=self.board is not None))
-            self.steps.note(f"registered: {self.rows[-1].path} "
-                            f"(pid {server.pid}, log {server.log_path.name})")
+            self.steps.note(
+                f"registered: {self.rows[-1].path} (pid {server.pid}, log {server.log_path.name})"
+            )
 
     def show_query(self) -> None:
         assert self.tracker is not None
@@ -143,7 +154,9 @@ class Demo:
         with self.steps.step(f"tvmrpc query --host {host} --port {port}"):
             done = subprocess.run(
                 [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
-                capture_output=True, text=True, env=daemons.child_env(),
+                capture_output=True,
+                text=True,
+                env=daemons.child_env(),
                 timeout=self.args.step_timeout,
             )
             if done.returncode != 0:
@@ -163,20 +176,27 @@ class Demo:
         from ..mlp import build_mlp
 
         with self.steps.step("compile the MLP with TVM relax on this host"):
-            library = bounded(lambda: build_mlp(self.log_dir / "model"),
-                              self.args.step_timeout, "compiling the MLP")
+            library = bounded(
+                lambda: build_mlp(self.log_dir / "model"),
+                self.args.step_timeout,
+                "compiling the MLP",
+            )
             self.steps.note(f"{library} ({library.stat().st_size} bytes)")
         return library
 
     def compile_for_board(self) -> Path:
         from ..mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
 
-        title = (f"compile the MLP for aarch64: target {AARCH64_TARGET}, "
-                 f"export_library(cc={AARCH64_CC!r})")
+        title = (
+            f"compile the MLP for aarch64: target {AARCH64_TARGET}, "
+            f"export_library(cc={AARCH64_CC!r})"
+        )
         with self.steps.step(title):
             library = bounded(
                 lambda: build_mlp(self.log_dir / "model-aarch64", AARCH64_TARGET, AARCH64_CC),
-                self.args.step_timeout, "compiling the MLP for aarch64")
+                self.args.step_timeout,
+                "compiling the MLP for aarch64",
+            )
             self.steps.note(f"{library} ({library.stat().st_size} bytes)")
         return library
 
@@ -190,15 +210,18 @@ class Demo:
         if self.args.bundle:
             with self.steps.step(f"bundle: {self.args.bundle} (--bundle)"):
                 self.steps.note(board.use_bundle(Path(self.args.bundle)))
-        with self.steps.step(f"root filesystem: Debian {board.spec.suite} {board.spec.arch} "
-                             "(mmdebstrap, cached)"):
+        with self.steps.step(
+            f"root filesystem: Debian {board.spec.suite} {board.spec.arch} (mmdebstrap, cached)"
+        ):
             self.steps.note(board.make_root())
         if not self.args.bundle:
             with self.steps.step("bundle: the server for aarch64, made by crossbuild"):
                 self.steps.note(board.make_bundle())
                 assert board.bundle is not None
-                self.steps.note(f"{board.bundle} ({board.bundle.stat().st_size // 1024} KiB): "
-                                "the archive a real board gets")
+                self.steps.note(
+                    f"{board.bundle} ({board.bundle.stat().st_size // 1024} KiB): "
+                    "the archive a real board gets"
+                )
         with self.steps.step("install the bundle on the board offline: install.sh --plain"):
             self.steps.note(board.install())
 
@@ -208,15 +231,19 @@ class Demo:
         assert self.tracker is not None
         tracker = self.tracker
         for row in self.rows:
-            title = (f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
-                     "upload, run, check")
+            title = (
+                f"session for {row.key!r}: stock rpc.connect_tracker().request(), "
+                "upload, run, check"
+            )
             lib = board_library if row.board and board_library is not None else library
             with self.steps.step(title):
                 self.check_alive()
                 outcome = bounded(
-                    lambda key=row.key, lib=lib: request_and_run(tracker, key, lib,
-                                                                 self.args.step_timeout),
-                    self.args.step_timeout, f"the session for {row.key!r}",
+                    lambda key=row.key, lib=lib: request_and_run(
+                        tracker, key, lib, self.args.step_timeout
+                    ),
+                    self.args.step_timeout,
+                    f"the session for {row.key!r}",
                 )
                 row.seconds, row.ok = outcome.total_seconds, outcome.ok
                 self.steps.note(
