@@ -334,9 +334,9 @@ def test_accepted_client_socket_has_keepalive():
             return "peer"
 
     proto = ServerHandshake()
-    proto.factory = HandshakeFactory(Clock(), None, "k", lambda _: True, 5)  # type: ignore[arg-type]
+    keepalive = sockopts.Keepalive.for_timeout(20)
+    proto.factory = HandshakeFactory(Clock(), None, "k", lambda _: True, 5, keepalive)  # type: ignore[arg-type]
     proto.transport = Transport()
-    sockopts.configure_dead_peer_timeout(20)
     proto.connectionMade()
     duplicate = socket.socket(fileno=os.dup(server_side.fileno()))
     with listener, client, server_side, duplicate:

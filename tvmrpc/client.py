@@ -90,7 +90,13 @@ class TrackerClientProtocol(Protocol):
     aborts the connection.
     """
 
-    def __init__(self, magic_timeout: float | None = None, clock: Any = None) -> None:
+    def __init__(
+        self,
+        magic_timeout: float | None = None,
+        clock: Any = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+    ) -> None:
+        self.keepalive = keepalive
         self.ready: Deferred[TrackerClientProtocol] = Deferred(self._cancel_ready)
         self.magic_timeout = magic_timeout
         self.clock = clock
@@ -110,7 +116,7 @@ class TrackerClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         sockopts.set_nodelay(self.transport)
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, self.keepalive)
         self.transport.write(encode_int32(TRACKER_MAGIC))
         if self.magic_timeout is not None:
             if self.clock is None:
@@ -396,7 +402,7 @@ class _LinkFactory(Factory):
         self.link = link
 
     def buildProtocol(self, addr: Any) -> _LinkProtocol:
-        proto = _LinkProtocol(self.link.magic_timeout, self.link.reactor)
+        proto = _LinkProtocol(self.link.magic_timeout, self.link.reactor, self.link.keepalive)
         proto.factory = self
         proto.link = self.link
         self.link._open = proto
@@ -447,8 +453,10 @@ class TrackerLink(service.Service):
         endpoint: Any = None,
         board_secret: bytes | None = None,
         board_key: str = "",
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
         self.reactor = reactor
+        self.keepalive = keepalive
         #: With a secret, each connection proves it for ``board_key`` before ``on_ready``.
         self.board_secret = board_secret
         self.board_key = board_key
@@ -595,6 +603,7 @@ def tracker_link_service(
     max_delay: float = 5.0,
     board_secret: bytes | None = None,
     board_key: str = "",
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
 ) -> TrackerLink:
     """A :class:`TrackerLink` with the default timeouts (see there)."""
     return TrackerLink(
@@ -606,4 +615,5 @@ def tracker_link_service(
         max_delay=max_delay,
         board_secret=board_secret,
         board_key=board_key,
+        keepalive=keepalive,
     )

@@ -207,7 +207,7 @@ class ListenOptions(usage.Options):
             raise usage.UsageError(f"--dead-peer-timeout wants seconds, got {value!r}") from None
         if seconds < 4:
             raise usage.UsageError("--dead-peer-timeout must be at least 4 seconds")
-        sockopts.configure_dead_peer_timeout(seconds)
+        self["keepalive"] = sockopts.Keepalive.for_timeout(seconds)
 
     @property
     def daemon_name(self) -> str:
@@ -217,6 +217,7 @@ class ListenOptions(usage.Options):
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         self.setdefault("allow", [])
+        self.setdefault("keepalive", sockopts.DEFAULT_KEEPALIVE)
         self["listens"] = []
         self.setdefault("listen", None)
         super().parseOptions(options)

@@ -10,6 +10,8 @@ import contextlib
 import socket
 from typing import Any
 
+import attrs
+
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -47,43 +49,49 @@ def quickack(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-#: (idle, interval, count) of TCP keepalive; see :func:`configure_dead_peer_timeout`.
-_keepalive = (30, 10, 3)
+@attrs.frozen
+class Keepalive:
+    """How long a silent peer may stay before the kernel declares it dead.
 
-
-def configure_dead_peer_timeout(seconds: float) -> None:
-    """Declare a silent peer dead after about ``seconds`` (process-wide default).
-
-    Half the time passes idle, the rest in three unanswered probes; the same
-    bound applies to unacknowledged data (TCP_USER_TIMEOUT).
+    A value, built once from ``--dead-peer-timeout`` and passed to the factories
+    that set it on their connections (no process-wide state).
     """
-    global _keepalive
-    total = max(4, int(seconds))
-    idle = total // 2
-    _keepalive = (idle, max(1, (total - idle) // 3), 3)
+
+    idle: int = 30
+    interval: int = 10
+    count: int = 3
+
+    @classmethod
+    def for_timeout(cls, seconds: float) -> Keepalive:
+        """Half of ``seconds`` idle, the rest in three unanswered probes."""
+        total = max(4, int(seconds))
+        idle = total // 2
+        return cls(idle, max(1, (total - idle) // 3), 3)
+
+    @property
+    def seconds(self) -> int:
+        """The bound on silence (and on unacknowledged data), in seconds."""
+        return self.idle + self.interval * self.count
 
 
-def set_keepalive(
-    transport: Any, idle: int | None = None, interval: int | None = None, count: int | None = None
-) -> None:
+#: About a minute, the default of ``--dead-peer-timeout``.
+DEFAULT_KEEPALIVE = Keepalive()
+
+
+def set_keepalive(transport: Any, keepalive: Keepalive = DEFAULT_KEEPALIVE) -> None:
     """Detect a dead peer (power loss, pulled cable) on an idle connection.
 
-    By default a silent peer is declared dead after about a minute (see
-    :func:`configure_dead_peer_timeout`); TCP_USER_TIMEOUT bounds the time
-    unacknowledged data may wait as well.
+    TCP_USER_TIMEOUT bounds the time unacknowledged data may wait as well.
     """
     sock = tcp_socket(transport)
     if sock is None:
         return
-    idle = _keepalive[0] if idle is None else idle
-    interval = _keepalive[1] if interval is None else interval
-    count = _keepalive[2] if count is None else count
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
-        ("TCP_KEEPIDLE", idle),
-        ("TCP_KEEPINTVL", interval),
-        ("TCP_KEEPCNT", count),
-        ("TCP_USER_TIMEOUT", (idle + interval * count) * 1000),
+        ("TCP_KEEPIDLE", keepalive.idle),
+        ("TCP_KEEPINTVL", keepalive.interval),
+        ("TCP_KEEPCNT", keepalive.count),
+        ("TCP_USER_TIMEOUT", keepalive.seconds * 1000),
     ):
         option = getattr(socket, name, None)
         if option is not None:

@@ -66,7 +66,7 @@ class ProxyProtocol(LegMixin, Protocol):
         return self.transport
 
     def _on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, self.factory.keepalive)
 
     def _on_forwarding(self) -> None:
         transport = self.transport
@@ -87,8 +87,13 @@ class ProxyFactory(Factory):
     """Builds :class:`ProxyProtocol` legs sharing one switchboard."""
 
     def __init__(
-        self, switchboard: Switchboard, handshake_timeout: float = 5.0, splice_reactor: Any = None
+        self,
+        switchboard: Switchboard,
+        handshake_timeout: float = 5.0,
+        splice_reactor: Any = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
+        self.keepalive = keepalive
         self.switchboard = switchboard
         self.handshake_timeout = handshake_timeout
         #: Splice paired TCP legs with this reactor (IReactorFDSet); None: userspace only.

@@ -41,6 +41,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .. import sockopts
 from ..client import TrackerClientProtocol, TrackerError, tracker_link_service
 from ..codec import encode_frame, split_matchkey
 from .switchboard import Switchboard
@@ -63,7 +64,9 @@ class Registrar(service.Service):
         period: float = 2.0,
         grace: float = 5.0,
         board_secret: bytes | None = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
+        self.keepalive = keepalive
         #: With a secret, the link proves it as ``proxy`` and for each PUT key.
         self.board_secret = board_secret
         self.reactor = reactor
@@ -106,6 +109,7 @@ class Registrar(service.Service):
             initial_delay=0.5,
             board_secret=self.board_secret,
             board_key="proxy",
+            keepalive=self.keepalive,
         )
         self._client.startService()
         self._loop = LoopingCall(self._check)

@@ -171,7 +171,9 @@ def makeService(options: Options) -> service.IService:
 
     status = ProxyStatus(reactor, switchboard)
     switchboard.observer = status
-    factory = ProxyFactory(switchboard, options["handshake-timeout"], splice_reactor)
+    factory = ProxyFactory(
+        switchboard, options["handshake-timeout"], splice_reactor, options["keepalive"]
+    )
     top = service.MultiService()
     if options["status"]:
         status_service(reactor, options["status"], status).setServiceParent(top)
@@ -210,6 +212,7 @@ def makeService(options: Options) -> service.IService:
             period=options["tracker-period"],
             grace=options["alloc-timeout"],
             board_secret=options["board-secret"],
+            keepalive=options["keepalive"],
         )
         registrar.setServiceParent(top)
     return top

@@ -58,14 +58,20 @@ class WebSocketLeg(LegMixin, WebSocketServerProtocol):
         return self.transport
 
     def _on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, self.factory.keepalive)
 
 
 class _LegFactory(WebSocketServerFactory):
     protocol = WebSocketLeg
 
-    def __init__(self, switchboard: Switchboard, handshake_timeout: float) -> None:
+    def __init__(
+        self,
+        switchboard: Switchboard,
+        handshake_timeout: float,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+    ) -> None:
         super().__init__()
+        self.keepalive = keepalive
         self.switchboard = switchboard
         self.handshake_timeout = handshake_timeout
 
@@ -121,7 +127,7 @@ class WebSite(Site):
 
 def web_factory(switchboard: Switchboard, options: Any) -> WebSite:
     """The web port's site: ``/ws`` for legs, plus ``--index-page``/``--resource-files``."""
-    legs = _LegFactory(switchboard, options["handshake-timeout"])
+    legs = _LegFactory(switchboard, options["handshake-timeout"], options["keepalive"])
     legs.setProtocolOptions(autoPingInterval=30, autoPingTimeout=60)
     root = Resource()
     root.putChild(b"ws", WebSocketResource(legs))

@@ -59,7 +59,7 @@ class ServerHandshake(protocol.Protocol):
         self.label = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         sockopts.set_nodelay(self.transport)
         # Kept by the session's duplicate: a client that vanishes frees the board.
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, self.factory.keepalive)
         self.timer = self.factory.reactor.callLater(
             self.factory.handshake_timeout, self._handshake_timed_out
         )
@@ -167,9 +167,16 @@ class HandshakeFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(
-        self, reactor: Any, board: Board, key: str, matcher: Matcher, handshake_timeout: float
+        self,
+        reactor: Any,
+        board: Board,
+        key: str,
+        matcher: Matcher,
+        handshake_timeout: float,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
         self.reactor = reactor
+        self.keepalive = keepalive
         self.board = board
         self.key = key
         self.matcher = matcher

@@ -39,6 +39,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .. import sockopts
 from ..client import TrackerClientProtocol, tracker_link_service
 from ..codec import random_matchkey
 from .board import Board
@@ -64,7 +65,9 @@ class Registrar(service.Service):
         grace: float = 5.0,
         lifecycle: Lifecycle | None = None,
         board_secret: bytes | None = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
+        self.keepalive = keepalive
         self.reactor = reactor
         self.board = board
         self.key = key
@@ -125,6 +128,7 @@ class Registrar(service.Service):
             self._lost,
             board_secret=self.board_secret,
             board_key=self.key,
+            keepalive=self.keepalive,
         )
         self._client.startService()
 

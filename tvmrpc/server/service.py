@@ -265,6 +265,7 @@ def makeService(options: Options) -> service.IService:
             (options["host"], options["port"]),
             lifecycle=lifecycle,
             board_secret=options["board-secret"],
+            keepalive=options["keepalive"],
         )
         connector.waiting_observers.append(
             lambda: ready_when_warm(
@@ -288,6 +289,7 @@ def makeService(options: Options) -> service.IService:
             custom_addr=options["custom-addr"],
             lifecycle=lifecycle,
             board_secret=options["board-secret"],
+            keepalive=options["keepalive"],
         )
         registrar.extension = status.extension
         matcher = registrar.claim
@@ -298,7 +300,9 @@ def makeService(options: Options) -> service.IService:
 
     top.readiness = Readiness(lifecycle, registrar.announcement if registrar else None)
     top.readiness.observers.append(_log_readiness)
-    factory = HandshakeFactory(reactor, board, key, matcher, options["handshake-timeout"])
+    factory = HandshakeFactory(
+        reactor, board, key, matcher, options["handshake-timeout"], options["keepalive"]
+    )
     listener = listening_service(
         reactor, factory, "tvm-server", options, DEFAULT_PORT, DEFAULT_PORT_END
     )

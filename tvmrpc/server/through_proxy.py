@@ -84,8 +84,15 @@ class BoardProofError(Exception):
 class _ProxyLeg(protocol.Protocol):
     """One outbound connection to the proxy; ``answered`` fires with the outcome."""
 
-    def __init__(self, key: str, board_secret: bytes | None = None, clock: Any = None) -> None:
+    def __init__(
+        self,
+        key: str,
+        board_secret: bytes | None = None,
+        clock: Any = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+    ) -> None:
         self.key = key
+        self.keepalive = keepalive
         #: With a secret: answers the proxy's challenge first (docs/security.md).
         self.answerer = (
             boardauth.ProxyAnswerer(board_secret, key) if board_secret is not None else None
@@ -107,7 +114,7 @@ class _ProxyLeg(protocol.Protocol):
         self._seen = b""
         read_at_most(self.transport, 4)
         sockopts.set_nodelay(self.transport)
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, self.keepalive)
         peer = self.transport.getPeer()
         self.label = f"proxy {getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         if self.answerer is None:
@@ -240,8 +247,10 @@ class ProxyConnector(service.Service):
         connect_timeout: float = 10.0,
         log_interval: float = 60.0,
         board_secret: bytes | None = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
         self.reactor = reactor
+        self.keepalive = keepalive
         self.board_secret = board_secret
         self.board = board
         self.key = key
@@ -313,7 +322,7 @@ class ProxyConnector(service.Service):
         if self._retry is not None and self._retry.active():
             return
         host, port = self.proxy
-        leg = _ProxyLeg(self.key, self.board_secret, self.reactor)
+        leg = _ProxyLeg(self.key, self.board_secret, self.reactor, self.keepalive)
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
         pending = connectProtocol(endpoint, leg)
         self._pending = pending

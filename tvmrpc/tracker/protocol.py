@@ -145,7 +145,7 @@ class TrackerProtocol(Protocol):
             self.board_trusted = address_in(self.peer_host, factory.allow_board_from)
         self._decoder = FrameDecoder(factory.max_frame_bytes)
         sockopts.set_nodelay(self.transport)
-        sockopts.set_keepalive(self.transport)
+        sockopts.set_keepalive(self.transport, factory.keepalive)
         factory.connections[self] = None
         factory.observer.connected(self)
         self.transport.registerProducer(self, True)
@@ -443,7 +443,9 @@ class TrackerFactory(Factory):
         observer: Any = NULL_TRACKER,
         board_secret: bytes | None = None,
         allow_board_from: tuple[Network, ...] = (),
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
+        self.keepalive = keepalive
         #: With a secret, board registration needs a proof (docs/security.md).
         self.board_secret = board_secret
         self.allow_board_from = tuple(allow_board_from)

@@ -112,6 +112,7 @@ def makeService(options: Options) -> service.IService:
         handshake_timeout=options["handshake-timeout"],
         board_secret=options["board-secret"],
         allow_board_from=tuple(options["allow-board-from"]),
+        keepalive=options["keepalive"],
     )
     status.expected_waits = factory.expected_waits
     top = service.MultiService()
