@@ -179,8 +179,8 @@ def test_stock_tracker_fails_our_proof_with_one_line(log_dir, secret_file):
     [
         (
             ["--allow-board-from", "10.0.0.0/8"],
-            "--allow-board-from needs --board-secret-file: without a secret every board may "
-            "register",
+            "--allow-board-from needs --board-secret-file or a --listen mtls: endpoint: "
+            "without them every board may register",
         ),
         (
             ["--board-secret-file", "/nonexistent/secret"],

@@ -46,6 +46,8 @@ class CA:
         self.trust_dir.mkdir(parents=True)
         (self.trust_dir / "ca.pem").write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.directory = directory
+        #: The CA certificate alone, as a ``clientCA=`` file.
+        self.pem = self.trust_dir / "ca.pem"
 
     def issue(self, common: str, dns: list[str], ips: list[str]) -> tuple[Path, Path]:
         """A leaf certificate for these names; returns ``(certificate.pem, key.pem)``."""
@@ -76,9 +78,26 @@ def ssl_listen(cert: Path, key: Path) -> str:
     return f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
 
 
-def tls_target(host: str, port: int, trust: Path, via: str | None = None) -> str:
-    """A ``tls:`` client endpoint; ``via`` connects to that address and verifies ``host``."""
+def mtls_listen(cert: Path, key: Path, client_ca: Path, mode: str = "required") -> str:
+    """A ``--listen`` endpoint with TLS that verifies client certificates against ``client_ca``."""
+    return (
+        f"mtls:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:clientCA={client_ca}"
+        f":clientCert={mode}"
+    )
+
+
+def tls_target(
+    host: str,
+    port: int,
+    trust: Path,
+    via: str | None = None,
+    client: tuple[Path, Path] | None = None,
+) -> str:
+    """A ``tls:`` client endpoint; ``via`` connects to that address and verifies ``host``;
+    ``client`` is our ``(certificate, key)``."""
     target = f"tls:host={host}:port={port}:trustRoots={trust}"
+    if client is not None:
+        target += f":certificate={client[0]}:privateKey={client[1]}"
     if via is not None:
         target += ":endpoint=tcp\\:" + via.replace(":", "\\:")
     return target

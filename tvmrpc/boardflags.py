@@ -5,6 +5,10 @@ Mixed into the tracker's, the proxy's and the server's Options.
 Invariants:
 - After parsing, ``options["board-secret"]`` is the secret (bytes) or None,
   and ``options["allow-board-from"]`` a list of networks (empty by default).
+- ``options["board-auth"]`` is true when board registration needs a proof:
+  with a secret, or when a ``--listen`` is ``mtls:`` (client certificates are
+  then the board's identity; every other port needs the secret's proof or an
+  ``--allow-board-from`` network, like a registration without a certificate).
 - A bad file or network is a one-line usage error naming the flag
   (:func:`check_board_flags`, called from each daemon's ``postOptions``).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from twisted.python import usage
 
+from . import boardtls
 from .boardauth import BoardSecretError, read_secret
 from .listening import parse_network
 
@@ -39,10 +44,13 @@ def check_board_flags(options: usage.Options) -> None:
             options["board-secret"] = read_secret(options["board-secret-file"])
         except BoardSecretError as exc:
             raise usage.UsageError(str(exc)) from None
-    if options.get("allow-board-from") and options["board-secret"] is None:
+    listens = options.get("listens") or []
+    certificates = any(str(listen).startswith(boardtls.PREFIX) for listen in listens)
+    options["board-auth"] = options["board-secret"] is not None or certificates
+    if options.get("allow-board-from") and not options["board-auth"]:
         raise usage.UsageError(
-            "--allow-board-from needs --board-secret-file: without a secret every board "
-            "may register"
+            "--allow-board-from needs --board-secret-file or a --listen mtls: endpoint: "
+            "without them every board may register"
         )
 
 

@@ -49,7 +49,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import logfile, sockopts
+from . import boardtls, logfile, sockopts
 from .exiting import stop_with_exit_code
 from .ratelimit import RateLimit
 from .status.refusals import REFUSED
@@ -122,12 +122,19 @@ def address_in(host: str, networks: Sequence[Network]) -> bool:
     return any(address in network for network in networks)
 
 
-def endpoint_for(reactor: Any, description: str) -> Any:
+def endpoint_for(
+    reactor: Any,
+    description: str,
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+) -> Any:
     """The server endpoint for a ``--listen`` string (the one place that parses them).
 
     ``systemd:`` strings go through :mod:`tvmrpc.systemd.activation` (works
-    without ``FileDescriptorName=``); everything else to ``serverFromString``.
+    without ``FileDescriptorName=``), ``mtls:`` (TLS with client certificates)
+    through :mod:`tvmrpc.boardtls`; everything else to ``serverFromString``.
     """
+    if description.startswith(boardtls.PREFIX):
+        return boardtls.server_endpoint(reactor, description, keepalive)
     return activation.server_endpoint(reactor, description)
 
 
@@ -143,6 +150,8 @@ def check_endpoint(daemon: str, flag: str, description: str) -> None:
         return
     try:
         endpoint_for(reactor, description)
+    except boardtls.EndpointError as exc:
+        raise StartupError(daemon, f"{flag} {description!r}: {exc}") from None
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         if description.startswith("ssl:") or missing in ("OpenSSL", "service_identity"):
@@ -154,10 +163,12 @@ def check_endpoint(daemon: str, flag: str, description: str) -> None:
             daemon, f"{flag} {description!r} needs the missing module {missing}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        hint = "examples: tcp:9190:interface=0.0.0.0, unix:/run/tvm.sock"
+        if description.startswith("ssl:") and "clientCA=" in description:
+            hint = "client certificates need mtls: instead of ssl:, see docs/security.md"
         raise StartupError(
             daemon,
-            f"bad {flag} endpoint {description!r}: {exc or type(exc).__name__} "
-            "(examples: tcp:9190:interface=0.0.0.0, unix:/run/tvm.sock)",
+            f"bad {flag} endpoint {description!r}: {exc or type(exc).__name__} ({hint})",
         ) from None
 
 
@@ -260,6 +271,9 @@ def describe_address(address: Any) -> str:
 
 class _Refused(Protocol):
     """A connection over the per-peer cap: closed as soon as it is made."""
+
+    #: The accepted connection (ITCPTransport, or TLS around it).
+    transport: Any
 
     def connectionMade(self) -> None:
         self.transport.abortConnection()
@@ -390,8 +404,10 @@ class ListeningService(service.Service):
         port_end: int | None = None,
         max_per_peer: int = 0,
         allow: Sequence[Network] = (),
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
         self.reactor = reactor
+        self.keepalive = keepalive
         self.factory = factory
         self.setName(name)
         #: Every ``--listen`` endpoint; ``listen`` is the first (None: host/port).
@@ -410,7 +426,7 @@ class ListeningService(service.Service):
     def _listening_factory(self) -> Any:
         if self.max_per_peer > 0 or self.allow:
             return PeerCap(
-                self.factory, self.max_per_peer, self.name, self.reactor, allow=self.allow
+                self.factory, self.max_per_peer, str(self.name), self.reactor, allow=self.allow
             )
         return self.factory
 
@@ -419,7 +435,7 @@ class ListeningService(service.Service):
         factory = self._listening_factory()
         if self.listen:
             try:
-                endpoint = endpoint_for(self.reactor, self.listen)
+                endpoint = endpoint_for(self.reactor, self.listen, self.keepalive)
             except Exception as exc:  # noqa: BLE001 - checked at parse time; belt and braces
                 self._failed(Failure(exc))
                 return
@@ -444,7 +460,7 @@ class ListeningService(service.Service):
 
     def _listen_more(self, description: str, factory: Any) -> None:
         try:
-            endpoint = endpoint_for(self.reactor, description)
+            endpoint = endpoint_for(self.reactor, description, self.keepalive)
         except Exception as exc:  # noqa: BLE001 - checked at parse time; belt and braces
             self._failed(Failure(exc), description)
             return
@@ -531,4 +547,5 @@ def listening_service(
         port_end=port_end,
         max_per_peer=options.get("max-connections-per-peer", 0),
         allow=options.get("allow") or (),
+        keepalive=options.get("keepalive", sockopts.DEFAULT_KEEPALIVE),
     )

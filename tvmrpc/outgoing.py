@@ -12,6 +12,9 @@ Invariants:
   and carries the string in ``description``.
 - :func:`parse_target` builds the endpoint once, so a bad string, a missing
   file or missing TLS support is a one-line usage error at start-up.
+- :func:`tls_failure` names, in one line, which side of a failed TLS
+  handshake to fix: the peer's certificate (``trustRoots=``, ``host=``) or
+  ours (``certificate=``/``privateKey=`` refused by an ``mtls:`` port).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .listening import parse_hostport
 
@@ -83,3 +87,28 @@ def parse_target(value: str, flag: str = "--tracker") -> tuple[str, int] | Targe
             f"bad {flag} endpoint {value!r}: {exc or type(exc).__name__}"
         ) from None
     return target
+
+
+def tls_failure(reason: Failure) -> str | None:
+    """A one-line explanation if ``reason`` is a failed TLS handshake, else None."""
+    value = reason.value
+    module = type(value).__module__ or ""
+    if not (module.startswith("OpenSSL") or module.startswith("service_identity")):
+        return None
+    detail = str(value)
+    if "certificate verify failed" in detail:
+        why = "its certificate is not signed by a CA in trustRoots="
+        fix = "check trustRoots= and host= in the endpoint string"
+    elif module.startswith("service_identity"):
+        why = "its certificate does not name the host= we asked for"
+        fix = "check trustRoots= and host= in the endpoint string"
+    elif "certificate required" in detail or ("alert" in detail and "certificate" in detail):
+        why = "it refused our client certificate (none, or not from its clientCA=)"
+        fix = "check certificate= and privateKey= in the endpoint string"
+    elif "unknown ca" in detail:
+        why = "it refused our client certificate (not signed by its clientCA=)"
+        fix = "check certificate= and privateKey= in the endpoint string"
+    else:
+        why = "the TLS handshake failed"
+        fix = "check the endpoint string"
+    return f"{why} ({detail[:200]}); {fix}"

@@ -30,7 +30,10 @@ Invariants:
   (a fresh nonce per leg) with a valid proof before the handshake timeout;
   otherwise it is answered MISMATCH, closed, logged at warn with the peer (at
   most once a minute per proxy, with the count held back) and counted, and
-  never reaches the switchboard. Client legs need nothing.
+  never reaches the switchboard. A ``server:`` leg that asks for no challenge
+  (or one the proxy, without a secret, cannot give) is admitted instead by a
+  client certificate verified at an ``mtls:`` port (:mod:`tvmrpc.boardtls`).
+  Client legs need nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .. import boardauth
+from .. import boardauth, boardtls
 from ..codec import (
     RPC_CODE_MISMATCH,
     RPC_CODE_SUCCESS,
@@ -135,8 +138,18 @@ class LegMixin:
             return
         self.key = key
         if parsed.role == "server" and self._needs_proof():
-            if boardauth.PROXY_OPTION not in parsed.options:
-                self._refuse_board("it sent no board proof (a stock server?)")
+            asks = boardauth.PROXY_OPTION in parsed.options
+            if not (asks and self.switchboard.board_secret is not None):
+                # No exchange to run: a client certificate (mtls:) admits it, or nothing.
+                who = f"registration {key.split(' ', 1)[0][:80]} from {self.peer_name}"
+                if boardtls.admitted(getattr(self, "transport", None), who):
+                    self._cancel_timer()
+                    self._arrive(parsed, rest)
+                    return
+                why = "it sent no board proof (a stock server?)"
+                if asks:
+                    why = "this proxy has no --board-secret-file: it admits boards by certificate"
+                self._refuse_board(why)
                 return
             self._parsed = parsed
             self._nonce = boardauth.new_nonce()
@@ -157,7 +170,8 @@ class LegMixin:
 
     def _needs_proof(self) -> bool:
         board = self.switchboard
-        if board.board_secret is None:
+        auth = board.board_auth
+        if not (board.board_secret is not None if auth is None else auth):
             return False
         host = self.peer_host
         return host is None or not address_in(host, board.allow_board_from)

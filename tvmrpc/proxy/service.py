@@ -166,6 +166,7 @@ def makeService(options: Options) -> service.IService:
     )
     switchboard.board_secret = options["board-secret"]
     switchboard.allow_board_from = tuple(options["allow-board-from"])
+    switchboard.board_auth = options["board-auth"]
     splice_reactor = None if options["no-splice"] or not splice_supported() else reactor
     from ..status.proxy import ProxyStatus, status_service
 

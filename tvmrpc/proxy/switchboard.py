@@ -93,6 +93,8 @@ class Switchboard:
         self.board_secret: bytes | None = None
         #: Networks whose servers need no proof (--allow-board-from).
         self.allow_board_from: tuple[Any, ...] = ()
+        #: Board registration needs a proof, or a client certificate (mtls:); set by the service.
+        self.board_auth: bool | None = None
         #: Refused registrations are logged at most once a minute (a stock board retries).
         self.board_refusals = RateLimit(60.0)
 

@@ -87,6 +87,14 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
             "Register at the tracker HOST:PORT, or a Twisted client endpoint such as "
             "tls:host=H:port=P:trustRoots=CADIR (docs/security.md).",
         ],
+        [
+            "proxy",
+            None,
+            None,
+            "Connect out to the proxy at HOST:PORT, or a Twisted client endpoint such as "
+            "tls:host=H:port=P:trustRoots=CADIR:certificate=C.pem:privateKey=K.pem, instead "
+            "of listening (implies --through-proxy; docs/security.md).",
+        ],
         ["custom-addr", None, None, "Address the tracker hands to clients (default: ours)."],
         ["load-library", None, None, "Colon-separated shared libraries loaded in each worker."],
         ["runtime-library", None, None, "libtvm_runtime.so (default: $TVM_LIBRARY_PATH, tvm)."],
@@ -116,6 +124,9 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
     def postOptions(self) -> None:
         self.setdefault("init-modules", [])  # type: ignore[attr-defined]
         check_board_flags(self)
+        if self["proxy"]:
+            self["through-proxy"] = True
+            self["proxy"] = parse_target(self["proxy"], "--proxy")
         if self["handshake-timeout"] <= 0:
             raise usage.UsageError("--handshake-timeout must be positive")
         if (self["tracker"] or self["through-proxy"]) and not self["key"]:
@@ -136,8 +147,10 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
             libraries.append(str(path))
         self["load-libraries"] = libraries
         if self["through-proxy"]:
-            if self["port"] is None:
-                raise usage.UsageError("--through-proxy needs --port (the proxy's port)")
+            if self["port"] is None and not self["proxy"]:
+                raise usage.UsageError(
+                    "--through-proxy needs --port (the proxy's port), or --proxy HOST:PORT"
+                )
             if self["listen"]:
                 raise usage.UsageError("--through-proxy and --listen exclude each other")
 
@@ -262,14 +275,14 @@ def makeService(options: Options) -> service.IService:
             reactor,
             board,
             key,
-            (options["host"], options["port"]),
+            options["proxy"] or (options["host"], options["port"]),
             lifecycle=lifecycle,
             board_secret=options["board-secret"],
             keepalive=options["keepalive"],
         )
         connector.waiting_observers.append(
             lambda: ready_when_warm(
-                "waiting at proxy {}:{} as server:{}".format(*connector.proxy, key)
+                f"waiting at proxy {connector.proxy[0]}:{connector.proxy[1]} as server:{key}"
             )
         )
         connector.setServiceParent(top)

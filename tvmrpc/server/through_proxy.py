@@ -23,10 +23,18 @@ Invariants:
 - A waiting connection has no answer timeout: the proxy answers only when a
   client pairs, so silence is normal; TCP keepalive (``--dead-peer-timeout``)
   detects a proxy that vanished.
+- The proxy is ``HOST:PORT`` (plain TCP) or a client endpoint string
+  (``tls:...``, :mod:`tvmrpc.outgoing`). A plain TCP session's socket is
+  handed to the worker as is (:func:`~.handoff.detach`); any other
+  connection (TLS) is relayed by the daemon through a socketpair
+  (:mod:`.tlsrelay`), bytes that followed the answer included.
+- The connector observes the board and the lifecycle only while it runs: it
+  subscribes in ``startService`` and unsubscribes in ``stopService``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -49,11 +57,13 @@ from ..codec import (
     encode_handshake,
     parse_key,
 )
+from ..outgoing import Target, tls_failure
 from ..ratelimit import RateLimit
 from ..status.peeraddr import ASK, told
 from .board import Board
 from .handoff import detach, read_at_most
 from .lifecycle import Announcement, Lifecycle, State
+from .tlsrelay import SessionRelay, relay_session
 
 log = Logger(namespace="tvmrpc.server.proxy")
 
@@ -77,12 +87,19 @@ def answer_bytes_missing(seen: bytes) -> int:
     return max(0, 8 + struct.unpack_from("<i", seen, 4)[0] - len(seen))
 
 
+class ProxyTLSError(Exception):
+    """The TLS handshake with the proxy failed (its certificate, or ours)."""
+
+
 class BoardProofError(Exception):
     """The proxy did not challenge us (stock, or no secret there) though we hold a secret."""
 
 
 class _ProxyLeg(protocol.Protocol):
     """One outbound connection to the proxy; ``answered`` fires with the outcome."""
+
+    #: A connected TCP or TLS transport (ITCPTransport, IPushProducer, IConsumer).
+    transport: Any
 
     def __init__(
         self,
@@ -107,11 +124,19 @@ class _ProxyLeg(protocol.Protocol):
         self.timeout: float | None = None
         self.label = "proxy"
         self.handed = False
+        self.client = "?"
+        self._seen = b""
+        #: Not a plain TCP socket (TLS): the session is relayed, not handed over.
+        self.relayed = False
+        #: Session bytes that arrived with or after the answer (relayed sessions only).
+        self._early = bytearray()
+        self.relay: SessionRelay | None = None
 
     def connectionMade(self) -> None:
         # Read no byte past the answer: the client's first session packet may
         # follow it at once, and it belongs to the worker.
         self._seen = b""
+        self.relayed = sockopts.tcp_socket(self.transport) is None
         read_at_most(self.transport, 4)
         sockopts.set_nodelay(self.transport)
         sockopts.set_keepalive(self.transport, self.keepalive)
@@ -130,7 +155,11 @@ class _ProxyLeg(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
         if self.answered.called:
-            if not self.handed:
+            if self.relay is not None:
+                self.relay.from_client(data)
+            elif self.relayed and not self.handed:
+                self._early += data  # the TLS layer read past the answer; paused now
+            elif not self.handed:
                 self.transport.abortConnection()  # session bytes before the worker took over
             return
         if self.answerer is not None:
@@ -157,9 +186,10 @@ class _ProxyLeg(protocol.Protocol):
             )
         elif code != RPC_CODE_SUCCESS or peer_key is None:
             self._fail(ConnectionError("proxy has no matching client key"))
-        elif rest:
+        elif rest and not self.relayed:
             self._fail(ConnectionError("proxy sent session bytes with its answer"))
         else:
+            self._early += rest
             self.client_key = peer_key
             try:
                 self.timeout = parse_key(peer_key).timeout
@@ -203,7 +233,13 @@ class _ProxyLeg(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._stop_challenge_timer()
+        if self.relay is not None:
+            self.relay.client_lost()
         if not self.answered.called:
+            tls = tls_failure(reason)
+            if tls is not None:
+                self.answered.errback(Failure(ProxyTLSError(tls)))
+                return
             error = ConnectionError(f"closed before answering ({reason.getErrorMessage()})")
             self.answered.errback(Failure(error))
 
@@ -222,7 +258,11 @@ class _ProxyLeg(protocol.Protocol):
         reactor = self.clock
         if reactor is None:
             from twisted.internet import reactor
-        return detach(reactor, self.transport)
+        if not self.relayed:
+            return detach(reactor, self.transport)
+        early, self._early = bytes(self._early), bytearray()
+        sock, self.relay = relay_session(reactor, self.transport, early)
+        return sock
 
     def reject(self) -> None:
         self.transport.abortConnection()
@@ -240,7 +280,7 @@ class ProxyConnector(service.Service):
         reactor: Any,
         board: Board,
         key: str,
-        proxy: tuple[str, int],
+        proxy: tuple[str, int] | Target,
         lifecycle: Lifecycle | None = None,
         initial_delay: float = 0.5,
         max_delay: float = 30.0,
@@ -267,12 +307,12 @@ class ProxyConnector(service.Service):
         self._retry: Any = None
         #: Called each time a connection waits at the proxy (the board is then idle and warm).
         self.waiting_observers: list[Callable[[], None]] = []
-        board.idle_observers.append(self._maybe_connect)
-        if lifecycle is not None:
-            lifecycle.observers.append(self._state_changed)
 
     def startService(self) -> None:
         service.Service.startService(self)
+        self.board.idle_observers.append(self._maybe_connect)
+        if self.lifecycle is not None:
+            self.lifecycle.observers.append(self._state_changed)
         if self.lifecycle is None:
             self.board.runtime.ready().addCallback(lambda _: self._maybe_connect())
         else:
@@ -280,6 +320,9 @@ class ProxyConnector(service.Service):
 
     def stopService(self) -> None:
         service.Service.stopService(self)
+        _unsubscribe(self.board.idle_observers, self._maybe_connect)
+        if self.lifecycle is not None:
+            _unsubscribe(self.lifecycle.observers, self._state_changed)
         self._disconnect()
 
     def _state_changed(self, old: State, new: State, reason: str) -> None:
@@ -290,6 +333,13 @@ class ProxyConnector(service.Service):
 
     def _where(self) -> str:
         return f"proxy {self.proxy[0]}:{self.proxy[1]}"
+
+    def _endpoint(self) -> Any:
+        """Where to connect: the endpoint string's endpoint (TLS), else TCP to HOST:PORT."""
+        if isinstance(self.proxy, Target) and self.proxy.description is not None:
+            return self.proxy.endpoint(self.reactor)
+        host, port = self.proxy[0], self.proxy[1]
+        return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
 
     def _disconnect(self, why: str | None = None) -> None:
         """Drop the waiting connection; with ``why``, log once it is really closed."""
@@ -321,10 +371,8 @@ class ProxyConnector(service.Service):
             return
         if self._retry is not None and self._retry.active():
             return
-        host, port = self.proxy
         leg = _ProxyLeg(self.key, self.board_secret, self.reactor, self.keepalive)
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
-        pending = connectProtocol(endpoint, leg)
+        pending = connectProtocol(self._endpoint(), leg)
         self._pending = pending
         pending.addCallback(self._connected, pending)
         pending.addErrback(self._failed, None)
@@ -371,7 +419,7 @@ class ProxyConnector(service.Service):
             return
         waited = self.reactor.seconds() - self._leg_since if leg is not None else 0.0
         if waited > self.LONG_WAIT and not failure.check(
-            DuplicateKeyError, NotAProxyError, BoardProofError
+            DuplicateKeyError, NotAProxyError, BoardProofError, ProxyTLSError
         ):
             # The proxy let a long wait go (its --timeout-server, a restart): routine.
             log.info(
@@ -401,6 +449,12 @@ class ProxyConnector(service.Service):
         self._retry = self.reactor.callLater(delay, self._maybe_connect)
 
 
+def _unsubscribe(observers: list[Any], observer: Any) -> None:
+    """Remove ``observer`` from a board's or lifecycle's observer list (if there)."""
+    with contextlib.suppress(ValueError):
+        observers.remove(observer)
+
+
 def describe_failure(failure: Failure) -> str:
     """One line for the operator: what went wrong at the proxy and what to do."""
     if failure.check(DuplicateKeyError):
@@ -410,6 +464,8 @@ def describe_failure(failure: Failure) -> str:
         )
     if failure.check(NotAProxyError):
         return failure.getErrorMessage()
+    if failure.check(ProxyTLSError):
+        return f"failed TLS verification: {failure.getErrorMessage()}"
     if failure.check(ConnectError, DNSLookupError):
         return f"unreachable ({failure.getErrorMessage()}): is tvm-proxy running there?"
     return failure.getErrorMessage()

@@ -25,7 +25,9 @@ Invariants:
   key, that the connection has not proved the secret for (BOARD_CHALLENGE,
   then BOARD_AUTH: docs/security.md) is refused with ``[FAIL, reason]``,
   logged at warn with the peer and counted; it never reaches the queue.
-  Peers in an ``allow_board_from`` network need no proof. Each connection
+  Peers in an ``allow_board_from`` network, and connections whose client
+  certificate verified at an ``mtls:`` port (:mod:`tvmrpc.boardtls`), need
+  no proof; ``board_auth`` without a secret asks for one of those. Each connection
   gets its own nonce, so a recorded proof fails on any other connection.
 - SUMMARY is encoded once per change of state and the same bytes are sent to
   every asker until the state changes again. Its two parts are cached apart:
@@ -48,7 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .. import boardauth, sockopts
+from .. import boardauth, boardtls, sockopts
 from ..codec import (
     MAX_FRAME_BYTES,
     NO_FRAME,
@@ -141,7 +143,7 @@ class TrackerProtocol(Protocol):
         factory = self.factory
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", str(peer))
-        if factory.board_secret is not None:
+        if factory.board_auth:
             self.board_trusted = address_in(self.peer_host, factory.allow_board_from)
         self._decoder = FrameDecoder(factory.max_frame_bytes)
         sockopts.set_nodelay(self.transport)
@@ -170,6 +172,9 @@ class TrackerProtocol(Protocol):
                 return
             self.phase = _SERVING
             self.transport.write(encode_int32(TRACKER_MAGIC))
+            if not self.board_trusted:  # data came through TLS: a client certificate is known
+                who = f"tracker connection from {self.peer_host}"
+                self.board_trusted = boardtls.admitted(self.transport, who)
         self._decoder.append(data)
         self._serve()
 
@@ -382,7 +387,8 @@ class TrackerProtocol(Protocol):
         REFUSED.add("board auth")
         self._refuse(
             f"{what}: board registration needs the board secret (--board-secret-file "
-            "on the registering server or proxy), or a peer in --allow-board-from"
+            "on the registering server or proxy), or a peer in --allow-board-from, or a "
+            "client certificate at an mtls: port"
         )
 
     def _handshake_timed_out(self) -> None:
@@ -444,10 +450,14 @@ class TrackerFactory(Factory):
         board_secret: bytes | None = None,
         allow_board_from: tuple[Network, ...] = (),
         keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+        board_auth: bool | None = None,
     ) -> None:
         self.keepalive = keepalive
         #: With a secret, board registration needs a proof (docs/security.md).
         self.board_secret = board_secret
+        #: Registration needs a proof: the secret's, a client certificate (mtls:) or
+        #: an --allow-board-from address (default: with a secret).
+        self.board_auth = board_secret is not None if board_auth is None else board_auth
         self.allow_board_from = tuple(allow_board_from)
         #: Told of connections, requests, PUTs, assignments and registrations (tvmrpc.status).
         self.observer = observer

@@ -113,6 +113,7 @@ def makeService(options: Options) -> service.IService:
         board_secret=options["board-secret"],
         allow_board_from=tuple(options["allow-board-from"]),
         keepalive=options["keepalive"],
+        board_auth=options["board-auth"],
     )
     status.expected_waits = factory.expected_waits
     top = service.MultiService()
