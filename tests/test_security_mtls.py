@@ -225,3 +225,67 @@ def test_no_certificate_or_another_ca_is_refused(log_dir, lab, mlp_library):  # 
     warned = [line for line in tracker.output.splitlines() if "from 127.0.0.2" in line]
     assert len(warned) == 1, warned  # two refusals, one warn line
     assert "waits as server lab" not in proxy.output
+
+
+def test_optional_certificates_beside_the_secret(log_dir, lab, secret_file):
+    """clientCert=optional with --board-secret-file: a board with a certificate and no secret
+    registers, a board without a certificate registers by proving the secret, and a PUT
+    with neither is refused at the application level and never queued."""
+    tracker_args = ("--listen", lab.listen(lab.tracker, "optional"))
+    secret = ("--board-secret-file", str(secret_file))
+    with running(start_tracker(log_dir, *tracker_args, *secret)) as tracker:
+        plain, secure = tracker.port, tls_port(tracker, "TrackerFactory")
+        by_cert = ("--tracker", lab.target(secure, lab.board))
+        by_secret = ("--tracker", lab.target(secure, None), *secret)
+        with (
+            running(start_server(log_dir, "bycert", *by_cert)),
+            running(start_server(log_dir, "bysecret", *by_secret)),
+        ):
+            tracker.wait_for(r"server:bycert registered from")
+            tracker.wait_for(r"server:bysecret registered from")
+            outcome = rogue_put(secure, lab, None, "127.0.0.2")
+            print(outcome)
+            assert outcome.startswith("answered [-1, "), outcome
+            assert "board registration needs" in outcome
+            summary = rpc.connect_tracker("127.0.0.1", plain).summary()
+            assert summary["queue_info"]["bycert"]["free"] == 1
+            assert summary["queue_info"]["bysecret"]["free"] == 1
+            assert "lab" not in summary["queue_info"]
+    assert "admitted as a board by its client certificate CN=board-a" in tracker.output
+    assert "refused a TLS connection" not in tracker.output
+
+
+def test_relayed_session_moves_bytes_exactly_plain_vs_tls(log_dir, lab):
+    """16 MiB up and back through the proxy to a board waiting in plain TCP (socket handed to
+    the worker) and to one waiting over mTLS (relayed by the daemon); prints both rates."""
+    import hashlib
+    import time
+
+    blob = bytes(range(256)) * (16 * 4096)  # 16 MiB
+    digest = hashlib.sha256(blob).hexdigest()
+    # The plaintext board is let in by address: an mtls: port turns board authentication on.
+    proxy_args = ("--listen", lab.listen(lab.proxy), "--allow-board-from", "127.0.0.1/32")
+    with running(start_proxy(log_dir, *proxy_args)) as proxy:
+        proxy_tls = tls_port(proxy, "ProxyFactory")
+        plain = ("--through-proxy", "--host", "127.0.0.1", "--port", str(proxy.port))
+        tls = ("--proxy", lab.target(proxy_tls, lab.board_b))
+        with (
+            running(start_server(log_dir, "plainwait", *plain, listen=False)),
+            running(start_server(log_dir, "tlswait", *tls, listen=False)),
+        ):
+            proxy.wait_for(r"waits as server plainwait")
+            proxy.wait_for(r"waits as server tlswait")
+            for key in ("plainwait", "tlswait"):
+                session = rpc.connect("127.0.0.1", proxy.port, key=key, session_timeout=120)
+                started = time.perf_counter()
+                session.upload(bytearray(blob), "blob.bin")
+                up = time.perf_counter() - started
+                back = session.download("blob.bin")
+                both = time.perf_counter() - started
+                assert hashlib.sha256(bytes(back)).hexdigest() == digest, key
+                print(
+                    f"{key}: 16 MiB up {16 / up:.1f} MiB/s, up+down {32 / both:.1f} MiB/s "
+                    f"({'handed to the worker' if key == 'plainwait' else 'relayed over TLS'})"
+                )
+                del session
+                gc.collect()

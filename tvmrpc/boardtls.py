@@ -189,7 +189,11 @@ class _NoDelayTLS(BufferingTLSTransport):
 
     factory: BoardTLSFactory
 
+    #: Our end's address (the port the peer reached), known while connected.
+    local: Any = None
+
     def makeConnection(self, transport: Any) -> None:
+        self.local = transport.getHost()
         sockopts.set_nodelay(transport)
         sockopts.set_keepalive(transport, self.factory.keepalive)
         super().makeConnection(transport)
@@ -210,8 +214,8 @@ class BoardTLSFactory(TLSMemoryBIOFactory):
 
     def buildProtocol(self, addr: Any) -> Any:
         tls = super().buildProtocol(addr)
-        if tls is None:
-            return None
+        if not isinstance(tls, _NoDelayTLS):  # ``protocol`` is ours; None if refused
+            return tls
         _BOARD_TRANSPORTS.add(tls)
         inner: Any = tls.wrappedProtocol
         lost = inner.connectionLost
@@ -221,7 +225,7 @@ class BoardTLSFactory(TLSMemoryBIOFactory):
             from OpenSSL import SSL
 
             if reason.check(SSL.Error):
-                self.refused(addr, tls.getHost(), reason.getErrorMessage())
+                self.refused(addr, tls.local, reason.getErrorMessage())
             return lost(reason)
 
         inner.connectionLost = connection_lost

@@ -208,7 +208,8 @@ class LegMixin:
         if held is not None:
             log.warn(
                 "refused registration {key} from {leg}: {why}; boards need "
-                "--board-secret-file (or a network in --allow-board-from){more}",
+                "--board-secret-file (or a network in --allow-board-from, or a client "
+                "certificate at an mtls: port){more}",
                 key=(self.key or "?")[:80],
                 leg=self.peer_name,
                 why=why,
