@@ -121,17 +121,33 @@ def test_spec_parsing_and_file_errors_are_one_line(tmp_path, lab):
 
 def test_missing_client_ca_is_a_startup_error(log_dir, lab, tmp_path):
     from tests.support import Daemon
+    from tests.test_ops_startup import exits
 
     cert, key = lab.tracker
     listen = f"mtls:0:privateKey={key}:certKey={cert}:clientCA={tmp_path / 'nope.pem'}"
     tracker = Daemon("tvm-tracker", ["--listen", listen], log_dir / "bad-ca.log")
     tracker.wait_for(r"nope\.pem")
-    assert tracker.proc.wait(timeout=60) == 1
+    assert exits(tracker) == 1
     lines = [line for line in tracker.output.splitlines() if "nope.pem" in line]
     print(lines)
     assert len(lines) == 1, lines
     assert "clientCA=" in lines[0]
     assert "cannot read it" in lines[0]
+
+
+def test_mtls_without_pyopenssl_names_the_package(log_dir, lab, tmp_path):
+    from tests.support import Daemon
+    from tests.test_ops_startup import exits, hiding
+
+    listen = lab.listen(lab.tracker)
+    daemon = Daemon(
+        "tvm-tracker", ["--listen", listen], log_dir / "nossl.log", env=hiding(tmp_path, "OpenSSL")
+    )
+    assert exits(daemon) == 1
+    last = daemon.output.strip().splitlines()[-1]
+    print(last)
+    assert last.startswith(f"tvm-tracker: --listen {listen!r} needs TLS support")
+    assert "Traceback" not in daemon.output
 
 
 def test_boards_with_client_certificates_stock_client_in_plaintext(log_dir, lab, mlp_library):  # noqa: F811

@@ -52,7 +52,7 @@ def test_early_bytes_first_then_both_directions_in_order():
 
 
 def test_each_side_pauses_the_other():
-    relay, outer, unix = relayed()
+    _, outer, unix = relayed()
     # The worker's side is slow: its transport pauses its producer, the TLS connection.
     unix.producer.pauseProducing()
     assert outer.paused == 2
@@ -85,7 +85,7 @@ def test_relay_session_hands_a_blocking_socket_and_adopts_the_other_end():
     adopted = []
 
     class Reactor:
-        def adoptStreamConnection(self, fd, family, factory):  # noqa: N802 - Twisted's name
+        def adoptStreamConnection(self, fd, family, factory):
             assert family == socket.AF_UNIX
             proto = factory.buildProtocol(None)
             adopted.append((socket.socket(fileno=socket.dup(fd)), proto))

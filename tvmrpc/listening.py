@@ -154,7 +154,10 @@ def check_endpoint(daemon: str, flag: str, description: str) -> None:
         raise StartupError(daemon, f"{flag} {description!r}: {exc}") from None
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
-        if description.startswith("ssl:") or missing in ("OpenSSL", "service_identity"):
+        if description.startswith(("ssl:", boardtls.PREFIX)) or missing in (
+            "OpenSSL",
+            "service_identity",
+        ):
             fix = "pip install pyOpenSSL service-identity (or 'twisted[tls]')"
             raise StartupError(
                 daemon, f"{flag} {description!r} needs TLS support, missing {missing}: {fix}"
