@@ -299,8 +299,14 @@ def test_relayed_session_moves_bytes_exactly_plain_vs_tls(log_dir, lab):
                 back = session.download("blob.bin")
                 both = time.perf_counter() - started
                 assert hashlib.sha256(bytes(back)).hexdigest() == digest, key
+                session.upload(bytearray(b"tiny"), "tiny.bin")
+                started = time.perf_counter()
+                for _ in range(50):
+                    assert bytes(session.download("tiny.bin")) == b"tiny"
+                small = (time.perf_counter() - started) / 50 * 1000
                 print(
-                    f"{key}: 16 MiB up {16 / up:.1f} MiB/s, up+down {32 / both:.1f} MiB/s "
+                    f"{key}: 16 MiB up {16 / up:.1f} MiB/s, up+down {32 / both:.1f} MiB/s, "
+                    f"small download {small:.2f} ms "
                     f"({'handed to the worker' if key == 'plainwait' else 'relayed over TLS'})"
                 )
                 del session

@@ -14,7 +14,7 @@ from tvmrpc.outgoing import parse_target
 from tvmrpc.server.board import Board
 from tvmrpc.server.lifecycle import Lifecycle
 from tvmrpc.server.through_proxy import ProxyConnector
-from tvmrpc.server.tlsrelay import SessionRelay, relay_session
+from tvmrpc.server.tlsrelay import SessionRelay, beneath, relay_session
 
 
 class Outer(StringTransport):
@@ -138,3 +138,14 @@ def test_refusals_say_which_side_to_fix():
     other = "[('SSL routines', '', 'certificate verify failed')]"
     assert "clientCA=/etc/tvm/boards-ca.pem" in boardtls.describe_refusal(other, spec)
     assert "not a TLS handshake" in boardtls.describe_refusal("wrong version number", spec)
+
+
+def test_socket_options_go_beneath_the_tls_layer():
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+    tcp = StringTransport()
+    wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
+    wrapper.makeConnection(tcp)
+    assert beneath(wrapper) is tcp
+    assert beneath(tcp) is tcp

@@ -63,7 +63,7 @@ from ..status.peeraddr import ASK, told
 from .board import Board
 from .handoff import detach, read_at_most
 from .lifecycle import Announcement, Lifecycle, State
-from .tlsrelay import SessionRelay, relay_session
+from .tlsrelay import SessionRelay, beneath, relay_session
 
 log = Logger(namespace="tvmrpc.server.proxy")
 
@@ -138,8 +138,9 @@ class _ProxyLeg(protocol.Protocol):
         self._seen = b""
         self.relayed = sockopts.tcp_socket(self.transport) is None
         read_at_most(self.transport, 4)
-        sockopts.set_nodelay(self.transport)
-        sockopts.set_keepalive(self.transport, self.keepalive)
+        tcp = beneath(self.transport)
+        sockopts.set_nodelay(tcp)
+        sockopts.set_keepalive(tcp, self.keepalive)
         peer = self.transport.getPeer()
         self.label = f"proxy {getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         if self.answerer is None:
@@ -153,7 +154,7 @@ class _ProxyLeg(protocol.Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
-        sockopts.quickack(self.transport)
+        sockopts.quickack(beneath(self.transport))
         if self.answered.called:
             if self.relay is not None:
                 self.relay.from_client(data)
