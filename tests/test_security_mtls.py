@@ -223,12 +223,22 @@ def test_no_certificate_or_another_ca_is_refused(log_dir, lab, mlp_library):  # 
                     r"#warn\] refused a TLS connection from 127\.0\.0\.3 on port \d+: "
                     r"its client certificate is not signed by a CA in clientCA="
                 )
-                # A board of ours with the outsider's certificate, at the proxy, same key.
-                rogue_args = ("--proxy", lab.target(proxy_tls, lab.outsider))
-                with running(start_server(log_dir, "lab", *rogue_args, listen=False, name="rogue")):
+                # Boards of ours with the outsider's certificate, same key: at the proxy and
+                # at the tracker. Each side says in one line what is wrong.
+                at_proxy = ("--proxy", lab.target(proxy_tls, lab.outsider))
+                at_tracker = ("--tracker", lab.target(secure, lab.outsider))
+                with (
+                    running(start_server(log_dir, "lab", *at_proxy, listen=False, name="rogue")),
+                    running(start_server(log_dir, "lab", *at_tracker, name="rogue-t")) as rogue_t,
+                ):
                     line = proxy.wait_for(r"#warn\] refused a TLS connection from 127\.0\.0\.1")
                     print(line.group(0))
                     assert "not signed by a CA in clientCA=" in line.string
+                    line = tracker.wait_for(r"#warn\] refused a TLS connection from 127\.0\.0\.1")
+                    assert "not signed by a CA in clientCA=" in line.string
+                    line = rogue_t.wait_for(r"#warn\] tracker \S+ failed TLS verification")
+                    print(line.group(0))
+                    assert "it refused our client certificate" in line.string
                 client = rpc.connect_tracker("127.0.0.1", plain)
                 session = client.request("lab", session_timeout=60)
                 assert run_mlp(session, mlp_library).ok

@@ -55,6 +55,7 @@ from .codec import (
     encode_frame,
     encode_int32,
 )
+from .outgoing import tls_failure
 from .ratelimit import RateLimit
 
 log = Logger(namespace="tvmrpc.link")
@@ -308,22 +309,6 @@ class TrackerClientProtocol(Protocol):
         if waiting is not None:
             waiting.errback(Failure(exc))
         self.transport.abortConnection()
-
-
-def tls_failure(reason: Failure) -> str | None:
-    """A one-line explanation if ``reason`` is a failed TLS handshake, else None."""
-    value = reason.value
-    module = type(value).__module__ or ""
-    if not (module.startswith("OpenSSL") or module.startswith("service_identity")):
-        return None
-    detail = str(value)
-    if "certificate verify failed" in detail:
-        why = "its certificate is not signed by a CA in trustRoots="
-    elif module.startswith("service_identity"):
-        why = "its certificate does not name the host= we asked for"
-    else:
-        why = "the TLS handshake failed"
-    return f"{why} ({detail[:200]}); check trustRoots= and host= in the endpoint string"
 
 
 def _expect_success(reply: Any, what: str) -> None:
