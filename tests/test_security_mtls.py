@@ -88,6 +88,23 @@ def rogue_put(port: int, lab: Lab, client: tuple | None, source: str) -> str:
     return f"answered {reply!r}"
 
 
+def keepalive_links(port: int) -> list[bool]:
+    """For each established loopback TCP connection to ``port``: is its keepalive timer on?
+
+    ``/proc/net/tcp``'s ``tr`` column is 2 while a keepalive timer is armed (an idle
+    connection with SO_KEEPALIVE); 0 when no timer runs (no keepalive).
+    """
+    found = []
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            if remote_port == port and fields[3] == "01":
+                found.append(fields[5].split(":")[0] == "02")
+    return found
+
+
 def test_spec_parsing_and_file_errors_are_one_line(tmp_path, lab):
     spec = boardtls.parse_spec(
         "mtls:9191:interface=10.0.0.1:privateKey=k\\:1.pem:clientCA=ca.pem:clientCert=optional"
@@ -176,6 +193,11 @@ def test_boards_with_client_certificates_stock_client_in_plaintext(log_dir, lab,
                 proxy.wait_for(r"registration server:behind from \S+ admitted .* CN=board-b")
                 tracker.wait_for(r"admitted as a board by its client certificate CN=proxy-as")
                 proxy.wait_for(r"put behind:\S+ at the tracker")
+                # The links over TLS keep TCP keepalive on the socket beneath (a board or
+                # tracker that vanishes is noticed): the proxy's and board-a's at the tracker,
+                # board-b's at the proxy.
+                assert keepalive_links(secure) == [True, True], keepalive_links(secure)
+                assert keepalive_links(proxy_tls) == [True], keepalive_links(proxy_tls)
                 rogue = stock_tracker_socket(plain, source="127.0.0.2")
                 try:
                     reply = call(rogue, [base.TrackerCode.PUT, "direct", [1, "direct:x"], "10.9"])

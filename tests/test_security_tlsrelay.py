@@ -10,11 +10,11 @@ from twisted.internet.testing import StringTransport
 
 from tests.test_server_units import FakeRuntime
 from tvmrpc import boardtls
-from tvmrpc.outgoing import parse_target
+from tvmrpc.outgoing import beneath, parse_target
 from tvmrpc.server.board import Board
 from tvmrpc.server.lifecycle import Lifecycle
 from tvmrpc.server.through_proxy import ProxyConnector
-from tvmrpc.server.tlsrelay import SessionRelay, beneath, relay_session
+from tvmrpc.server.tlsrelay import SessionRelay, relay_session
 
 
 class Outer(StringTransport):

@@ -55,7 +55,7 @@ from .codec import (
     encode_frame,
     encode_int32,
 )
-from .outgoing import tls_failure
+from .outgoing import beneath, tls_failure
 from .ratelimit import RateLimit
 
 log = Logger(namespace="tvmrpc.link")
@@ -116,8 +116,9 @@ class TrackerClientProtocol(Protocol):
     # -- Protocol -------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        sockopts.set_nodelay(self.transport)
-        sockopts.set_keepalive(self.transport, self.keepalive)
+        tcp = beneath(self.transport)  # the socket under TLS, for tls: links
+        sockopts.set_nodelay(tcp)
+        sockopts.set_keepalive(tcp, self.keepalive)
         self.transport.write(encode_int32(TRACKER_MAGIC))
         if self.magic_timeout is not None:
             if self.clock is None:
@@ -127,7 +128,7 @@ class TrackerClientProtocol(Protocol):
             self._magic_timer = clock.callLater(self.magic_timeout, self._no_magic)
 
     def dataReceived(self, data: bytes) -> None:
-        sockopts.quickack(self.transport)
+        sockopts.quickack(beneath(self.transport))
         if not self._handshaken:
             greeting = self._magic.feed(data)
             if greeting is None:

@@ -12,6 +12,9 @@ Invariants:
   and carries the string in ``description``.
 - :func:`parse_target` builds the endpoint once, so a bad string, a missing
   file or missing TLS support is a one-line usage error at start-up.
+- :func:`beneath` finds the TCP transport under a TLS one, so socket
+  options (TCP_NODELAY, keepalive, quick ACKs) reach the socket on TLS links
+  too.
 - :func:`tls_failure` names, in one line, which side of a failed TLS
   handshake to fix: the peer's certificate (``trustRoots=``, ``host=``) or
   ours (``certificate=``/``privateKey=`` refused by an ``mtls:`` port).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -112,3 +116,14 @@ def tls_failure(reason: Failure) -> str | None:
         why = "the TLS handshake failed"
         fix = "check the endpoint string"
     return f"{why} ({detail[:200]}); {fix}"
+
+
+def beneath(transport: Any) -> Any:
+    """The TCP transport under a TLS one (a ``ProtocolWrapper``'s ``transport``), else itself.
+
+    Socket options (TCP_NODELAY, keepalive, quick ACKs) belong on the socket
+    beneath the TLS layer.
+    """
+    if isinstance(transport, ProtocolWrapper) and transport.transport is not None:
+        return transport.transport
+    return transport

@@ -57,13 +57,13 @@ from ..codec import (
     encode_handshake,
     parse_key,
 )
-from ..outgoing import Target, tls_failure
+from ..outgoing import Target, beneath, tls_failure
 from ..ratelimit import RateLimit
 from ..status.peeraddr import ASK, told
 from .board import Board
 from .handoff import detach, read_at_most
 from .lifecycle import Announcement, Lifecycle, State
-from .tlsrelay import SessionRelay, beneath, relay_session
+from .tlsrelay import SessionRelay, relay_session
 
 log = Logger(namespace="tvmrpc.server.proxy")
 

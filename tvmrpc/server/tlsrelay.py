@@ -25,7 +25,6 @@ from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -92,17 +91,6 @@ class SessionRelay(protocol.Protocol):
             self.outer_gone = True
             self.outer.unregisterProducer()
             self.outer.loseConnection()
-
-
-def beneath(transport: Any) -> Any:
-    """The TCP transport under a TLS one (a ``ProtocolWrapper``'s ``transport``), else itself.
-
-    Socket options (TCP_NODELAY, keepalive, quick ACKs) belong on the socket
-    beneath the TLS layer.
-    """
-    if isinstance(transport, ProtocolWrapper) and transport.transport is not None:
-        return transport.transport
-    return transport
 
 
 def relay_session(
