@@ -343,3 +343,25 @@ def test_relayed_session_moves_bytes_exactly_plain_vs_tls(log_dir, lab):
                 )
                 del session
                 gc.collect()
+
+
+@pytest.mark.parametrize("wrong", ["ca", "hostname"])
+def test_board_refuses_a_proxy_with_a_wrong_ca_or_hostname(log_dir, lab, wrong):
+    """Our server verifies the proxy it waits at: another CA, or a certificate that does not
+    name host=, is one warn line saying which, and the board never waits there."""
+    with running(start_proxy(log_dir, "--listen", lab.listen(lab.proxy))) as proxy:
+        port = tls_port(proxy, "ProxyFactory")
+        if wrong == "ca":
+            target = tls_target("localhost", port, lab.other.trust_dir, client=lab.board)
+        else:
+            via = f"127.0.0.1:{port}"
+            target = tls_target("elsewhere.lab", port, lab.ca.trust_dir, via=via, client=lab.board)
+        board = start_server(log_dir, "lab", "--proxy", target, listen=False, name=f"b-{wrong}")
+        with running(board):
+            why = {
+                "ca": r"its certificate is not signed by a CA in trustRoots=",
+                "hostname": r"its certificate does not name the host= we asked for",
+            }[wrong]
+            line = board.wait_for(r"#warn\] proxy \S+: failed TLS verification: " + why)
+            print(line.group(0))
+        assert "waits as server lab" not in proxy.output
