@@ -365,3 +365,32 @@ def test_board_refuses_a_proxy_with_a_wrong_ca_or_hostname(log_dir, lab, wrong):
             line = board.wait_for(r"#warn\] proxy \S+: failed TLS verification: " + why)
             print(line.group(0))
         assert "waits as server lab" not in proxy.output
+
+
+def test_session_timeout_reaches_the_client_through_the_relay(log_dir, lab, tmp_path):
+    """A relayed session past its -timeout: the worker is killed and the stock client gets
+    RPCSessionTimeoutError written by the daemon into the relay, then the next client is
+    served by a fresh worker."""
+    from tests.server_support import init_module_dir, server_env
+
+    with running(start_proxy(log_dir, "--listen", lab.listen(lab.proxy))) as proxy:
+        proxy_tls = tls_port(proxy, "ProxyFactory")
+        path, module = init_module_dir(tmp_path / "init")
+        tls = ("--proxy", lab.target(proxy_tls, lab.board_b))
+        board = start_server(
+            log_dir, "slow", "--init", module, *tls, env=server_env(path), listen=False
+        )
+        with running(board):
+            proxy.wait_for(r"waits as server slow")
+            session = rpc.connect("127.0.0.1", proxy.port, key="slow", session_timeout=1)
+            mark = board.mark()
+            with pytest.raises(Exception, match="RPCSessionTimeoutError"):
+                session.get_function("tvmrpc_test.sleep")(60)
+            board.wait_for(r"session timeout after 1(\.0)?s", start=mark)
+            board.wait_for(r"session ended for client:slow", start=mark)
+            del session
+            gc.collect()
+            session = rpc.connect("127.0.0.1", proxy.port, key="slow", session_timeout=30)
+            assert session.get_function("tvmrpc_test.pid")() > 0
+            del session
+            gc.collect()
