@@ -21,6 +21,7 @@ from tvm.rpc import base
 
 from tests.proxy_support import start_proxy
 from tests.server_support import mlp_library, start_server  # noqa: F401 - a fixture
+from tests.status_support import STATUS_FLAG, metrics, status_port, value
 from tests.support import running, start_tracker, stock_tracker_socket
 from tests.tls_support import CA, mtls_listen, tls_target
 from tvmrpc import boardtls
@@ -224,8 +225,10 @@ def test_no_certificate_or_another_ca_is_refused(log_dir, lab, mlp_library):  # 
     """At the tracker's and the proxy's mtls: ports a board with no client certificate, or
     one from another CA, fails the TLS handshake (one warn line per peer saying which) and
     never reaches the queue: a stock client still reaches the real board."""
-    with running(start_tracker(log_dir, "--listen", lab.listen(lab.tracker))) as tracker:
+    tracker_args = ("--listen", lab.listen(lab.tracker), *STATUS_FLAG)
+    with running(start_tracker(log_dir, *tracker_args)) as tracker:
         plain, secure = tracker.port, tls_port(tracker, "TrackerFactory")
+        sport = status_port(tracker)
         with running(start_proxy(log_dir, "--listen", lab.listen(lab.proxy))) as proxy:
             proxy_tls = tls_port(proxy, "ProxyFactory")
             real = ("--tracker", lab.target(secure, lab.board))
@@ -258,6 +261,14 @@ def test_no_certificate_or_another_ca_is_refused(log_dir, lab, mlp_library):  # 
                     assert "not signed by a CA in clientCA=" in line.string
                     line = tracker.wait_for(r"#warn\] refused a TLS connection from 127\.0\.0\.1")
                     assert "not signed by a CA in clientCA=" in line.string
+                    # Every refusal is counted (127.0.0.2 twice, 127.0.0.3, then 127.0.0.1,
+                    # logged in that order), though each peer is warned about once.
+                    counted = value(
+                        metrics(sport),
+                        "tvmrpc_refused_connections_total",
+                        reason="client certificate",
+                    )
+                    assert counted >= 4, counted
                     line = rogue_t.wait_for(r"#warn\] tracker \S+ failed TLS verification")
                     print(line.group(0))
                     assert "it refused our client certificate" in line.string

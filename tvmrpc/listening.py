@@ -3,7 +3,8 @@
 ``--host H --port P --port-end E`` binds the first free port in ``[P, E)``
 (stock behaviour); ``--listen ENDPOINT`` takes any Twisted server endpoint
 string (``tcp:9190:interface=127.0.0.1``, ``unix:/run/tvm/tracker.sock``,
-``systemd:domain=INET:index=0``, ``ssl:...``).
+``systemd:domain=INET:index=0``, ``ssl:...``), or ``mtls:...`` (TLS that
+verifies client certificates: :mod:`tvmrpc.boardtls`).
 
 Invariants:
 - ``--listen`` is repeatable: the daemon listens on every endpoint given

@@ -1,7 +1,8 @@
 """Connections and registrations a daemon refused, by reason, for ``/metrics``.
 
 Counted where the refusal happens (the listening gate in
-:mod:`tvmrpc.listening`, board authentication at the tracker and the proxy)
+:mod:`tvmrpc.listening`, board authentication at the tracker and the proxy,
+TLS handshakes an ``mtls:`` port refused in :mod:`tvmrpc.mtls`)
 and exported by every daemon's ``--status`` site as
 ``tvmrpc_refused_connections_total{reason=...}``.
 
@@ -18,7 +19,7 @@ from typing import Any
 
 
 class Refusals:
-    """Counts per reason (``allow``, ``per-peer cap``, ``board auth``)."""
+    """Counts per reason (``allow``, ``per-peer cap``, ``board auth``, ``client certificate``)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
