@@ -31,11 +31,12 @@ import collections
 from typing import Any
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import sockopts
 from .boardtls import EndpointError, MutualTLSSpec, describe_refusal, remember
@@ -114,12 +115,18 @@ class BoardTLSFactory(TLSMemoryBIOFactory):
 
     protocol = _NoDelayTLS
     noisy = False
-    #: TCP keepalive of each connection (the daemon's own setting reaches only the TLS layer).
-    keepalive = sockopts.DEFAULT_KEEPALIVE
 
-    def __init__(self, spec: MutualTLSSpec, options: Any, wrapped: IProtocolFactory) -> None:
+    def __init__(
+        self,
+        spec: MutualTLSSpec,
+        options: Any,
+        wrapped: IProtocolFactory,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+    ) -> None:
         super().__init__(options, False, wrapped)
         self.spec = spec
+        #: TCP keepalive of each socket (the daemon's own call reaches only the TLS layer).
+        self.keepalive = keepalive
         self._warned: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -159,6 +166,7 @@ class BoardTLSFactory(TLSMemoryBIOFactory):
         )
 
 
+@implementer(IStreamServerEndpoint)
 class MutualTLSEndpoint:
     """An ``IStreamServerEndpoint``: TCP, then TLS asking for client certificates."""
 
@@ -185,6 +193,4 @@ class MutualTLSEndpoint:
             tcp = endpoints.TCP4ServerEndpoint(
                 self.reactor, spec.port, spec.backlog, spec.interface
             )
-        tls = BoardTLSFactory(spec, self.options, factory)
-        tls.keepalive = self.keepalive
-        return tcp.listen(tls)
+        return tcp.listen(BoardTLSFactory(spec, self.options, factory, self.keepalive))
