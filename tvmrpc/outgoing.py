@@ -72,9 +72,10 @@ def parse_target(value: str, flag: str = "--tracker") -> tuple[str, int] | Targe
     host = _field(value, "host", 0)
     port = _field(value, "port", 1)
     if not host or not port or not port.isdigit():
+        example = "proxy.lab:port=9091" if flag == "--proxy" else "tracker.lab:port=9190"
         raise usage.UsageError(
             f"{flag} {value!r}: an endpoint string needs host= and port= "
-            "(e.g. tls:host=tracker.lab:port=9190:trustRoots=/etc/tvm/ca)"
+            f"(e.g. tls:host={example}:trustRoots=/etc/tvm/ca)"
         )
     target = Target(host, int(port), value)
     from twisted.internet import reactor

@@ -57,6 +57,7 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
 
     synopsis = (
         "--key KEY [--host H] [--port P] [--tracker H:P] | --through-proxy --host PROXY --port P"
+        " | --proxy PROXY:P|tls:..."
     )
     longdesc = (
         "Apache TVM RPC server. Stock TVM clients use it unchanged. Sessions run "
