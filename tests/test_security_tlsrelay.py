@@ -149,3 +149,22 @@ def test_socket_options_go_beneath_the_tls_layer():
     wrapper.makeConnection(tcp)
     assert beneath(wrapper) is tcp
     assert beneath(tcp) is tcp
+
+
+def test_proxy_flag_implies_through_proxy():
+    import pytest
+    from twisted.python import usage
+
+    from tvmrpc.server.service import Options
+
+    options = Options()
+    options.parseOptions(["--key", "k", "--proxy", "127.0.0.1:9090"])
+    assert options["through-proxy"]
+    assert options["proxy"] == ("127.0.0.1", 9090)
+    options = Options()
+    options.parseOptions(["--key", "k", "--proxy", "tls:host=proxy.lab:port=9091"])
+    assert str(options["proxy"]) == "tls://proxy.lab:9091"
+    with pytest.raises(usage.UsageError, match="--through-proxy needs --key"):
+        Options().parseOptions(["--proxy", "127.0.0.1:9090"])
+    with pytest.raises(usage.UsageError, match="exclude each other"):
+        Options().parseOptions(["--key", "k", "--proxy", "127.0.0.1:9", "--listen", "tcp:0"])
