@@ -168,3 +168,20 @@ def test_proxy_flag_implies_through_proxy():
         Options().parseOptions(["--proxy", "127.0.0.1:9090"])
     with pytest.raises(usage.UsageError, match="exclude each other"):
         Options().parseOptions(["--key", "k", "--proxy", "127.0.0.1:9", "--listen", "tcp:0"])
+
+
+def test_only_an_mtls_connection_can_be_admitted_by_certificate():
+    class Plain(StringTransport):
+        def getPeerCertificate(self):
+            raise AssertionError("a connection not from an mtls: port is never asked")
+
+    assert boardtls.verified_subject(Plain()) is None
+    assert not boardtls.admitted(None, "nobody")
+
+    class NoCertificate(StringTransport):
+        def getPeerCertificate(self):
+            return None
+
+    optional = NoCertificate()
+    boardtls.remember(optional)  # an mtls: clientCert=optional peer that presented none
+    assert boardtls.verified_subject(optional) is None
