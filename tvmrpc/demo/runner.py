@@ -22,9 +22,9 @@ from typing import IO, Any
 
 import attrs
 
+from ..harness import DaemonError, Process, child_env
 from . import daemons, tracker_state
 from .board import EmulatedBoard
-from .daemons import Daemon, DaemonError
 from .steps import StepError, Steps, bounded
 
 
@@ -47,7 +47,7 @@ class Demo:
     out: IO[str]
     log_dir: Path
     steps: Steps
-    started: list[Daemon] = attrs.Factory(list)
+    started: list[Process] = attrs.Factory(list)
     tracker: tuple[str, int] | None = None
     proxy: tuple[str, int] | None = None
     rows: list[Row] = attrs.Factory(list)
@@ -55,8 +55,11 @@ class Demo:
 
     # -- helpers ----------------------------------------------------------------
 
-    def launch(self, name: str, argv: list[str]) -> Daemon:
-        daemon = Daemon(name, argv, self.log_dir / f"{name}.log")
+    def launch(self, name: str, argv: list[str]) -> Process:
+        # With --keep the daemons must outlive the demo; otherwise they die with it.
+        daemon = Process(
+            argv, self.log_dir / f"{name}.log", name=name, die_with_parent=not self.args.keep
+        )
         self.started.append(daemon)
         return daemon
 
@@ -95,7 +98,8 @@ class Demo:
             tracker = self.launch(
                 "tracker", daemons.tracker_argv(self.args.host, self.args.tracker_port)
             )
-            self.tracker = tracker.wait_listening(self.args.step_timeout)
+            tracker.wait_listening(self.args.step_timeout)
+            self.tracker = tracker.address
             self.steps.note(
                 f"listening on {self.tracker[0]}:{self.tracker[1]} "
                 f"(pid {tracker.pid}, log {tracker.log_path.name})"
@@ -105,7 +109,8 @@ class Demo:
         assert self.tracker is not None
         with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
             proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
-            self.proxy = proxy.wait_listening(self.args.step_timeout)
+            proxy.wait_listening(self.args.step_timeout)
+            self.proxy = proxy.address
             self.steps.note(
                 f"listening on {self.proxy[0]}:{self.proxy[1]} "
                 f"(pid {proxy.pid}, log {proxy.log_path.name})"
@@ -156,7 +161,7 @@ class Demo:
                 [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
                 capture_output=True,
                 text=True,
-                env=daemons.child_env(),
+                env=child_env(),
                 timeout=self.args.step_timeout,
             )
             if done.returncode != 0:
@@ -272,7 +277,8 @@ class Demo:
         self.steps.say("")
         self.steps.say("Stopping the daemons")
         for daemon in reversed(self.started):
-            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.stop()}")
+            daemon.stop()
+            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.ended}")
         if self.board is not None and self.board.root.exists():
             left = self.board.processes()
             if left:
