@@ -30,7 +30,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import attrs
@@ -245,3 +245,20 @@ class Topology:
             ns = self.created.pop()
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 ip("netns", "delete", ns.name, check=False)
+
+
+@contextlib.contextmanager
+def created_or_skip(tag: str | None = None) -> Iterator[Topology]:
+    """A created :class:`Topology` for a fixture, destroyed at the end; the test
+    is skipped, saying why, where namespaces cannot be made."""
+    import pytest
+
+    topology = Topology(tag)
+    try:
+        topology.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield topology
+    finally:
+        topology.destroy()

@@ -135,6 +135,7 @@ def activated(
         command += ["-E", f"{name}={value}"]
     proc = Process([*command, *argv], log_path, env=child_env)
     proc.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
+    proc.host, proc.port = "127.0.0.1", port
     return proc
 
 

@@ -19,6 +19,7 @@ from tests.support import (
     Daemon,
     Process,
     free_port,
+    run_module,
     running,
     start_tracker,
     stock_tracker_socket,
@@ -163,14 +164,7 @@ def test_tracker_on_a_unix_socket_serves_our_query(log_dir, tmp_path):
             board.sendall(struct.pack("<i", len(frame)) + frame)
             assert board.recv(100) == struct.pack("<i", 1) + b"0"
             # ... and our query reads the tracker's state over it.
-            out = subprocess.run(
-                [sys.executable, "-m", "tvmrpc.cli", "query", "--host", f"unix:{path}", "--json"],
-                capture_output=True,
-                text=True,
-                env=subprocess_env(),
-                timeout=60,
-                check=True,
-            ).stdout
+            out = run_module("tvmrpc.cli", "query", "--host", f"unix:{path}", "--json").stdout
         assert '"unixboard"' in out
         assert '"free": 1' in out
 

@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import IO, Any
 
 import attrs
 
-from ..harness import DaemonError, Process, child_env
+from ..harness import DaemonError, Group, Process, run_module
 from . import daemons, tracker_state
 from .board import EmulatedBoard
 from .steps import StepError, Steps, bounded
@@ -47,7 +46,7 @@ class Demo:
     out: IO[str]
     log_dir: Path
     steps: Steps
-    started: list[Process] = attrs.Factory(list)
+    group: Group
     tracker: tuple[str, int] | None = None
     proxy: tuple[str, int] | None = None
     rows: list[Row] = attrs.Factory(list)
@@ -56,15 +55,10 @@ class Demo:
     # -- helpers ----------------------------------------------------------------
 
     def launch(self, name: str, argv: list[str]) -> Process:
-        # With --keep the daemons must outlive the demo; otherwise they die with it.
-        daemon = Process(
-            argv, self.log_dir / f"{name}.log", name=name, die_with_parent=not self.args.keep
-        )
-        self.started.append(daemon)
-        return daemon
+        return self.group.start(name, argv)
 
     def check_alive(self) -> None:
-        for daemon in self.started:
+        for daemon in self.group.procs:
             if not daemon.alive():
                 raise DaemonError(
                     f"{daemon.name} exited with status {daemon.proc.returncode}; "
@@ -157,12 +151,15 @@ class Demo:
         assert self.tracker is not None
         host, port = self.tracker
         with self.steps.step(f"tvmrpc query --host {host} --port {port}"):
-            done = subprocess.run(
-                [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
-                capture_output=True,
-                text=True,
-                env=child_env(),
+            done = run_module(
+                "tvmrpc.cli",
+                "query",
+                "--host",
+                host,
+                "--port",
+                str(port),
                 timeout=self.args.step_timeout,
+                check=False,
             )
             if done.returncode != 0:
                 raise RuntimeError(f"exit status {done.returncode}: {done.stderr.strip()}")
@@ -272,12 +269,11 @@ class Demo:
             self.steps.say(f"  {row.key:<{width}}  {row.path:<{path_width}}  {seconds}  {result}")
 
     def shutdown(self) -> None:
-        if not self.started:
+        if not self.group.procs:
             return
         self.steps.say("")
         self.steps.say("Stopping the daemons")
-        for daemon in reversed(self.started):
-            daemon.stop()
+        for daemon in self.group.stop():
             self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.ended}")
         if self.board is not None and self.board.root.exists():
             left = self.board.processes()
@@ -292,7 +288,7 @@ class Demo:
         host, port = self.tracker
         self.steps.say("")
         self.steps.say(f"--keep: the daemons are still running (logs in {self.log_dir})")
-        for daemon in self.started:
+        for daemon in self.group.procs:
             self.steps.say(f"  {daemon.name:<15} pid {daemon.pid}")
         self.steps.say("Talk to them:")
         self.steps.say(f"  tvmrpc query --host {host} --port {port}")
@@ -300,7 +296,7 @@ class Demo:
             f"  python -c \"from tvm import rpc; s = rpc.connect_tracker('{host}', {port})"
             f".request('{self.args.direct_key}'); print(s.get_function('testing.echo')('hi'))\""
         )
-        groups = " ".join(f"-{d.pid}" for d in self.started)
+        groups = " ".join(f"-{d.pid}" for d in self.group.procs)
         self.steps.say("Stop them (each leads a process group, so its workers stop too):")
         self.steps.say(f"  kill -TERM -- {groups}")
 
@@ -322,7 +318,8 @@ def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="tvmrpc-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, args.step_timeout)
-    demo = Demo(args, out, log_dir, steps)
+    # With --keep the daemons must outlive the demo; otherwise they die with it.
+    demo = Demo(args, out, log_dir, steps, Group(log_dir, die_with_parent=not args.keep))
     steps.say(f"tvmrpc demo: daemon logs go to {log_dir}")
     failed: StepError | None = None
     try:

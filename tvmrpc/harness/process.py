@@ -20,6 +20,7 @@ Invariants:
   while awaited fails the wait at once, quoting the end of its log.
 - :meth:`Process.stop` is SIGTERM to the group, SIGKILL if it lingers past the
   timeout, then SIGKILL to the group for stragglers; calling it again is harmless.
+- A :class:`Group` stops its processes in the reverse of their start order.
 - :data:`LIVE` holds every process started and not yet stopped, so a test
   runner can stop what a test left behind.
 """
@@ -65,6 +66,27 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def run_module(
+    module: str,
+    *args: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` run to completion with :func:`child_env`, output as text.
+
+    With ``check``, a non-zero exit raises CalledProcessError (its ``stderr`` says why).
+    """
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else child_env(),
+        timeout=timeout,
+        check=check,
+    )
 
 
 def twistd_argv(plugin: str, *args: str) -> list[str]:
@@ -259,6 +281,30 @@ class Daemon(Process):
         self.plugin = plugin
         self.host = "127.0.0.1"
         self.web_port: int | None = None  # the proxy's --web-port, where a starter read it
+
+
+class Group:
+    """Processes started together, logging to one directory, stopped newest first."""
+
+    def __init__(self, log_dir: Path, die_with_parent: bool = True) -> None:
+        self.log_dir = log_dir
+        self.die_with_parent = die_with_parent
+        self.procs: list[Process] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Process:
+        """``argv`` started as ``name``, logging to ``LOG_DIR/NAME.log``."""
+        proc = Process(
+            argv, self.log_dir / f"{name}.log", env, name=name, die_with_parent=self.die_with_parent
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> list[Process]:
+        """Stop them all, the last started first; return them in that order (``ended`` set)."""
+        stopped = list(reversed(self.procs))
+        for proc in stopped:
+            proc.stop()
+        return stopped
 
 
 #: Started and not yet stopped (see the module's invariants).
