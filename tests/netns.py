@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import attrs
+import psutil
 
 PREFIX = "tvmrpc-t"
 CLONE_NEWNET = 0x40000000
@@ -52,16 +53,6 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Delete ``tvmrpc-t<pid>-*`` namespaces whose pid is gone; return their names."""
     removed = []
@@ -70,7 +61,7 @@ def remove_stale() -> list[str]:
         if not name.startswith(PREFIX):
             continue
         pid = name[len(PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             ip("netns", "delete", name, check=False)
             removed.append(name)
     return removed

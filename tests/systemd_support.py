@@ -8,7 +8,6 @@ sleeping.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
@@ -146,11 +145,3 @@ def stock_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

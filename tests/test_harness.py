@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tvmrpc.harness import LIVE, DaemonError, Process, running
+from tvmrpc.harness import LIVE, DaemonError, Process, running, wait_exit
 from tvmrpc.harness.logwatch import LineReader
 from tvmrpc.pythonpath import PACKAGE_ROOT, with_package_on_path
 
@@ -57,18 +56,6 @@ def test_line_reader_returns_each_complete_line_once(tmp_path: Path) -> None:
 
 def script(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-def ended(pid: int, timeout: float = 60) -> bool:
-    """Whether ``pid`` exits within ``timeout`` (a zombie has exited), waiting on a pidfd."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
 
 
 def test_wait_for_wakes_on_a_line_written_later(tmp_path: Path) -> None:
@@ -135,7 +122,7 @@ def test_stop_ends_the_whole_group_and_leaves_the_live_set(tmp_path: Path) -> No
     assert proc.stop(timeout=0.5) == -signal.SIGKILL
     assert proc.ended == "killed: still running 0.5 s after SIGTERM"
     assert proc not in LIVE
-    assert ended(child)
+    assert wait_exit(child, 60)
     assert proc.stop() == -signal.SIGKILL  # again: harmless
 
 
@@ -152,9 +139,9 @@ def test_a_killed_parent_takes_its_daemons_with_it(tmp_path: Path) -> None:
     """
     with running(Process(script(code), tmp_path / "parent.log")) as parent:
         daemon = int(parent.wait_for(r"^(\d+)$").group(1))
-        assert not ended(daemon, 0)
+        assert not wait_exit(daemon, 0)
         parent.proc.kill()  # the parent only: its daemon leads a group of its own
-        assert ended(daemon)
+        assert wait_exit(daemon, 60)
 
 
 def test_kept_daemons_outlive_their_parent(tmp_path: Path) -> None:
@@ -171,6 +158,6 @@ def test_kept_daemons_outlive_their_parent(tmp_path: Path) -> None:
     kept = int(done.stdout.strip())
     try:
         # With die_with_parent the kernel's SIGTERM went out as the parent exited.
-        assert not ended(kept, 2)
+        assert not wait_exit(kept, 2)
     finally:
         os.killpg(kept, signal.SIGKILL)

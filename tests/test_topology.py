@@ -27,7 +27,7 @@ from tests import netns
 from tests.netns import NetnsUnavailable, Topology
 from tests.support import Process
 from tvmrpc.demo import daemons, tracker_state
-from tvmrpc.harness import Group
+from tvmrpc.harness import Group, module_argv
 from tvmrpc.mlp import build_mlp
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -149,17 +149,7 @@ class Lab:
         proc = self.spawn(
             self.topo.a,
             f"query{len(self.group.procs)}",
-            [
-                sys.executable,
-                "-m",
-                "tvmrpc.cli",
-                "query",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                *args,
-            ],
+            module_argv("tvmrpc.cli", "query", "--host", host, "--port", str(port), *args),
         )
         code = proc.proc.wait(START)
         proc.stop()  # also waits until all its output has been read

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -87,28 +88,28 @@ class Demo:
 
     # -- the steps ----------------------------------------------------------------
 
-    def start_tracker(self) -> None:
-        with self.steps.step("start the tracker (twistd tvm-tracker)"):
-            tracker = self.launch(
-                "tracker", daemons.tracker_argv(self.args.host, self.args.tracker_port)
-            )
-            tracker.wait_listening(self.args.step_timeout)
-            self.tracker = tracker.address
+    def start_listening(self, title: str, name: str, argv: list[str]) -> tuple[str, int]:
+        """A step that starts a daemon and waits until it listens; its address."""
+        with self.steps.step(title):
+            daemon = self.launch(name, argv)
+            daemon.wait_listening(self.args.step_timeout)
+            host, port = daemon.address
             self.steps.note(
-                f"listening on {self.tracker[0]}:{self.tracker[1]} "
-                f"(pid {tracker.pid}, log {tracker.log_path.name})"
+                f"listening on {host}:{port} (pid {daemon.pid}, log {daemon.log_path.name})"
             )
+        return host, port
+
+    def start_tracker(self) -> None:
+        argv = daemons.tracker_argv(self.args.host, self.args.tracker_port)
+        self.tracker = self.start_listening(
+            "start the tracker (twistd tvm-tracker)", "tracker", argv
+        )
 
     def start_proxy(self) -> None:
         assert self.tracker is not None
-        with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
-            proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
-            proxy.wait_listening(self.args.step_timeout)
-            self.proxy = proxy.address
-            self.steps.note(
-                f"listening on {self.proxy[0]}:{self.proxy[1]} "
-                f"(pid {proxy.pid}, log {proxy.log_path.name})"
-            )
+        title = "start the proxy, registered with the tracker (twistd tvm-proxy)"
+        argv = daemons.proxy_argv(self.args.host, self.tracker)
+        self.proxy = self.start_listening(title, "proxy", argv)
 
     def start_servers(self) -> None:
         assert self.tracker is not None
@@ -241,8 +242,8 @@ class Demo:
             with self.steps.step(title):
                 self.check_alive()
                 outcome = bounded(
-                    lambda key=row.key, lib=lib: request_and_run(
-                        tracker, key, lib, self.args.step_timeout
+                    functools.partial(
+                        request_and_run, tracker, row.key, lib, self.args.step_timeout
                     ),
                     self.args.step_timeout,
                     f"the session for {row.key!r}",

@@ -25,9 +25,11 @@ from .process import (
     Group,
     Process,
     child_env,
+    module_argv,
     run_module,
     running,
     twistd_argv,
+    wait_exit,
 )
 from .sockets import free_port, raw_pair, stock_tracker_socket
 from .starters import (
@@ -51,6 +53,7 @@ __all__ = [
     "Process",
     "child_env",
     "free_port",
+    "module_argv",
     "raw_pair",
     "run_module",
     "running",
@@ -63,4 +66,5 @@ __all__ = [
     "start_tracker",
     "stock_tracker_socket",
     "twistd_argv",
+    "wait_exit",
 ]

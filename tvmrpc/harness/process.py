@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -68,6 +69,26 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def module_argv(module: str, *args: str) -> list[str]:
+    """``python -m MODULE ARGS`` run by this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (any, not only a child) has exited or exits within ``timeout``.
+
+    Waits on a pidfd, so a zombie counts as exited and nothing sleeps.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
 def run_module(
     module: str,
     *args: str,
@@ -80,7 +101,7 @@ def run_module(
     With ``check``, a non-zero exit raises CalledProcessError (its ``stderr`` says why).
     """
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        module_argv(module, *args),
         capture_output=True,
         text=True,
         env=env if env is not None else child_env(),

@@ -15,11 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .process import DEFAULT_TIMEOUT, Daemon, Process
+from .process import DEFAULT_TIMEOUT, Daemon, Process, module_argv
 from .sockets import free_port
 
 LOOPBACK = "127.0.0.1"
@@ -99,7 +98,7 @@ def start_server(
 
 def stock_argv(module: str, *args: str) -> list[str]:
     """``python -m tvm.exec.MODULE ARGS`` run by this interpreter."""
-    return [sys.executable, "-m", f"tvm.exec.{module}", *args]
+    return module_argv(f"tvm.exec.{module}", *args)
 
 
 def _stock_on_free_port(module: str, log_path: Path, ready: str, *args: str) -> Process:
