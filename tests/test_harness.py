@@ -161,3 +161,17 @@ def test_kept_daemons_outlive_their_parent(tmp_path: Path) -> None:
         assert not wait_exit(kept, 2)
     finally:
         os.killpg(kept, signal.SIGKILL)
+
+
+def test_two_live_processes_never_share_a_log(tmp_path: Path) -> None:
+    code = "import sys, time; print(sys.argv[1], flush=True); time.sleep(600)"
+    first = Process([*script(code), "first"], tmp_path / "same.log")
+    second = Process([*script(code), "second"], tmp_path / "same.log")
+    with running(first), running(second):
+        assert second.log_path == tmp_path / "same-2.log"
+        assert second.wait_for("first|second").group(0) == "second"
+        assert first.wait_for("first|second").group(0) == "first"
+    again = Process([*script(code), "again"], tmp_path / "same.log")  # the name is free again
+    with running(again):
+        assert again.log_path == tmp_path / "same.log"
+        assert again.wait_for("first|second|again").group(0) == "again"  # not the old lines

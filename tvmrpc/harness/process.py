@@ -14,7 +14,8 @@ Invariants:
   run or bench leaves no daemon behind. The demo's ``--keep`` turns it off.
 - stdout and stderr go straight into ``log_path`` (appended, after a
   ``$ argv`` line); nothing sits in a pipe, so the log is complete even if the
-  harness dies, and a kept daemon goes on logging there.
+  harness dies, and a kept daemon goes on logging there. Two live processes
+  never share a log: the second gets ``NAME-2.log`` (its ``log_path`` says so).
 - Waits have deadlines and never sleep: they wake on a write to the log or
   the process's exit (:mod:`tvmrpc.harness.logwatch`). A process that exits
   while awaited fails the wait at once, quoting the end of its log.
@@ -130,6 +131,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
+def _unused_log_path(path: Path) -> Path:
+    """``path``, or ``NAME-2.log``, ``NAME-3.log``... while a live process logs there."""
+    taken = {proc.log_path for proc in LIVE}
+    candidate, number = path, 1
+    while candidate in taken:
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
 class Process:
     """A started child whose log can be awaited line by line."""
 
@@ -143,7 +154,7 @@ class Process:
         die_with_parent: bool = True,
     ) -> None:
         self.argv = list(argv)
-        self.log_path = Path(log_path)
+        self.log_path = _unused_log_path(Path(log_path))
         self.name = name or Path(self.argv[0]).name
         self.host: str | None = None
         self.port: int | None = None
