@@ -8,13 +8,17 @@ import socket
 import sys
 from pathlib import Path
 
+from twisted.internet.testing import StringTransport
+
 from tests.support import Process, subprocess_env
 from tvmrpc.codec import encode_handshake
 from tvmrpc.harness.sockets import raw_leg, raw_pair, read_reply, recvall, send_handshake
 from tvmrpc.harness.starters import WEB_LISTENING, start_proxied_server, start_proxy
+from tvmrpc.proxy.protocol import ProxyFactory
 
-__all__ = [  # shared with the bench through tvmrpc.harness
+__all__ = [  # what the proxy tests import from here (most from tvmrpc.harness)
     "WEB_LISTENING",
+    "Wire",
     "raw_leg",
     "raw_pair",
     "read_reply",
@@ -23,6 +27,30 @@ __all__ = [  # shared with the bench through tvmrpc.harness
     "start_proxied_server",
     "start_proxy",
 ]
+
+
+class Wire:
+    """One proxy-side protocol on a string transport (unit tests of the proxy)."""
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def lose(self) -> None:
+        self.proto.connectionLost()
 
 
 def start_websocket_server(log_dir: Path, url: str, key: str) -> Process:
