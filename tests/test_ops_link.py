@@ -10,14 +10,13 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from tests.proxy_support import start_proxy
 from tests.server_support import start_server
-from tests.support import Daemon, Process, free_port, running, subprocess_env
+from tests.support import Daemon, Process, free_port, run_module, running
 
 pytestmark = pytest.mark.stock
 
@@ -142,12 +141,8 @@ def test_query_names_a_silent_socket_not_a_tvm_tracker():
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         port = silent.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "tvmrpc.cli", "query", "--port", str(port), "--timeout", "4"],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            timeout=60,
+        result = run_module(
+            "tvmrpc.cli", "query", "--port", str(port), "--timeout", "4", check=False
         )
     assert result.returncode == 1
     assert result.stderr == (
