@@ -175,3 +175,10 @@ def test_two_live_processes_never_share_a_log(tmp_path: Path) -> None:
     with running(again):
         assert again.log_path == tmp_path / "same.log"
         assert again.wait_for("first|second|again").group(0) == "again"  # not the old lines
+
+
+def test_importing_the_harness_starts_nothing_heavy() -> None:
+    """The bench and the demo import it before anything else: no Twisted, no tvm."""
+    code = "import sys, tvmrpc.harness; print([m for m in ('twisted', 'tvm') if m in sys.modules])"
+    done = subprocess.run(script(code), capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,9 +1,11 @@
 """One harness to run daemons: the demo, the tests and the bench start them all through it.
 
 - :mod:`.process`: :class:`Process` (any command) and :class:`Daemon` (ours
-  under ``twistd -n``): own session, log file, waits on log lines, group stop;
-  :func:`child_env`, the environment every daemon gets.
-- :mod:`.logwatch`: following a log file without sleeping (inotify, pidfd).
+  under ``twistd -n``): own session, log file, waits on log lines, group stop.
+- :mod:`.commands`: command lines, :func:`child_env` (the environment every
+  child gets) and :func:`run_module` (``python -m X`` to completion).
+- :mod:`.logwatch`: following a log file and awaiting an exit without
+  sleeping (inotify, pidfd).
 - :mod:`.starters`: ours and stock daemons on loopback, returned once ready.
 - :mod:`.sockets`: free ports and the raw handshakes stock peers send.
 
@@ -15,21 +17,17 @@ Invariants:
 
 from __future__ import annotations
 
+from .commands import DEFAULT_TIMEOUT, child_env, module_argv, run_module, twistd_argv
+from .logwatch import wait_exit
 from .process import (
     CANNOT_LISTEN,
-    DEFAULT_TIMEOUT,
     LISTENING,
     LIVE,
     Daemon,
     DaemonError,
     Group,
     Process,
-    child_env,
-    module_argv,
-    run_module,
     running,
-    twistd_argv,
-    wait_exit,
 )
 from .sockets import free_port, raw_pair, stock_tracker_socket
 from .starters import (

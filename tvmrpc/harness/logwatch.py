@@ -13,6 +13,7 @@ Invariants:
 - :meth:`Wakeup.wait` returns when the file may have grown, the process may
   have exited, or ``timeout`` passed, whichever is first; callers re-check
   what they wait for after every return.
+- :func:`wait_exit` waits for any process's exit on a pidfd (a zombie has exited).
 - Where inotify or a pidfd cannot be had (the per-user inotify instance
   limit is reached, an old kernel), the wait degrades to re-checking every
   :data:`FALLBACK_SECONDS`: slower, never wrong.
@@ -106,3 +107,18 @@ def open_pidfd(pid: int) -> int | None:
         if exc.errno in (errno.ENOSYS, errno.EINVAL, errno.ESRCH):
             return None
         raise
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` (any, not only a child) has exited or exits within ``timeout``.
+
+    Waits on a pidfd, so a zombie counts as exited and nothing sleeps.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)

@@ -32,24 +32,20 @@ import contextlib
 import ctypes
 import os
 import re
-import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from tvmrpc.pythonpath import with_package_on_path
-
+from .commands import DEFAULT_TIMEOUT, child_env, twistd_argv
 from .logwatch import LineReader, Wakeup, open_pidfd
 
 #: Every one of our daemons logs this once its socket is bound.
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 #: ...and this when it cannot bind (it may then linger instead of exiting).
 CANNOT_LISTEN = re.compile(r"cannot listen on .*|Couldn't listen on .*|CannotListenError.*")
-DEFAULT_TIMEOUT = 60.0
 PR_SET_PDEATHSIG = 1
 
 P = TypeVar("P", bound="Process")
@@ -57,71 +53,6 @@ P = TypeVar("P", bound="Process")
 
 class DaemonError(RuntimeError):
     """A daemon exited, or did not log what was awaited, in time; the message says which."""
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for daemons: this tvmrpc first on PYTHONPATH, unbuffered output,
-    one TVM thread unless the caller's environment says otherwise, then ``extra``."""
-    env = with_package_on_path(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TVM_NUM_THREADS", "1")
-    if extra:
-        env.update(extra)
-    return env
-
-
-def module_argv(module: str, *args: str) -> list[str]:
-    """``python -m MODULE ARGS`` run by this interpreter."""
-    return [sys.executable, "-m", module, *args]
-
-
-def wait_exit(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` (any, not only a child) has exited or exits within ``timeout``.
-
-    Waits on a pidfd, so a zombie counts as exited and nothing sleeps.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
-def run_module(
-    module: str,
-    *args: str,
-    timeout: float = DEFAULT_TIMEOUT,
-    check: bool = True,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """``python -m MODULE ARGS`` run to completion with :func:`child_env`, output as text.
-
-    With ``check``, a non-zero exit raises CalledProcessError (its ``stderr`` says why).
-    """
-    return subprocess.run(
-        module_argv(module, *args),
-        capture_output=True,
-        text=True,
-        env=env if env is not None else child_env(),
-        timeout=timeout,
-        check=check,
-    )
-
-
-def twistd_argv(plugin: str, *args: str) -> list[str]:
-    """``twistd -n --pidfile= PLUGIN ARGS`` run by this interpreter."""
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-        "-n",
-        "--pidfile=",
-        plugin,
-        *args,
-    ]
 
 
 _prctl = ctypes.CDLL(None, use_errno=True).prctl

@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .process import DEFAULT_TIMEOUT, Daemon, Process, module_argv
+from .commands import DEFAULT_TIMEOUT, module_argv
+from .process import Daemon, Process
 from .sockets import free_port
 
 LOOPBACK = "127.0.0.1"
