@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tvmrpc.harness import LIVE, DaemonError, Process, running, wait_exit
+from tvmrpc.harness import LIVE, DaemonError, Group, Process, running, wait_exit
 from tvmrpc.harness.logwatch import LineReader
 from tvmrpc.pythonpath import PACKAGE_ROOT, with_package_on_path
 
@@ -182,3 +182,13 @@ def test_importing_the_harness_starts_nothing_heavy() -> None:
     code = "import sys, tvmrpc.harness; print([m for m in ('twisted', 'tvm') if m in sys.modules])"
     done = subprocess.run(script(code), capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_group_stops_newest_first(tmp_path: Path) -> None:
+    code = "import time; print('up', flush=True); time.sleep(600)"
+    group = Group(tmp_path)
+    first, second = group.start("first", script(code)), group.start("second", script(code))
+    assert (first.log_path.name, second.log_path.name) == ("first.log", "second.log")
+    second.wait_for("up")
+    assert group.stop() == [second, first]
+    assert [proc.ended for proc in (first, second)] == ["stopped on SIGTERM"] * 2
