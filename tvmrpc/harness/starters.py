@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .commands import DEFAULT_TIMEOUT, module_argv
-from .process import Daemon, Process
+from .process import CANNOT_LISTEN, Daemon, Process
 from .sockets import free_port
 
 LOOPBACK = "127.0.0.1"
 LISTEN_LOOPBACK = f"tcp:0:interface={LOOPBACK}"
+PROXY_LISTENING = re.compile(r"tvm-proxy listening on (\S+):(\d+)")
 WEB_LISTENING = re.compile(r"tvm-proxy web listening on (\S+):(\d+)")
 
 
@@ -61,9 +62,11 @@ def start_proxy(
     daemon = Daemon("tvm-proxy", args, log_dir / f"{name}.log")
 
     def wait() -> None:
-        daemon.port = int(daemon.wait_for(r"tvm-proxy listening on \S+:(\d+)").group(1))
+        # Not LISTENING: "tvm-proxy web listening on" may come first.
+        match = daemon.wait_for(PROXY_LISTENING, failure=CANNOT_LISTEN)
+        daemon.host, daemon.port = match.group(1), int(match.group(2))
         if web:
-            daemon.web_port = int(daemon.wait_for(WEB_LISTENING).group(2))
+            daemon.web_port = int(daemon.wait_for(WEB_LISTENING, failure=CANNOT_LISTEN).group(2))
 
     _ready(daemon, wait)
     return daemon
