@@ -29,36 +29,17 @@ from pathlib import Path
 import psutil
 
 from bench.report import Table
-from tests.proxy_support import raw_pair, start_proxied_server, start_proxy
-from tests.support import Process, free_port, running, start_stock_server
+from tvmrpc.harness import (
+    raw_pair,
+    running,
+    start_proxied_server,
+    start_proxy,
+    start_stock_proxy,
+    start_stock_server,
+)
 
 MiB = 1 << 20
 CHUNK = 4 * MiB
-
-
-def start_stock_proxy(log_dir: Path) -> Process:
-    """``python -m tvm.exec.rpc_proxy`` on free ports (its web port cannot be switched off)."""
-    port, web = free_port(), free_port()
-    proc = Process(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_proxy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-            "--web-port",
-            str(web),
-        ],
-        log_dir / "stock-proxy.log",
-    )
-    proc.wait_for(rf"client port bind to 127\.0\.0\.1:{port}")
-    proc.port = port  # type: ignore[attr-defined]
-    proc.mark_wait = None  # type: ignore[attr-defined]
-    return proc
 
 
 # -- raw forwarding ------------------------------------------------------------
@@ -268,20 +249,9 @@ def main(flags: list[str]) -> int:
                 running(start_proxied_server(logs, ours, "bench", wait=False)),
                 running(start_stock_server(logs, "bench")) as direct_server,
             ):
-                stock_server = Process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tvm.exec.rpc_server",
-                        "--through-proxy",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(stock.port),
-                        "--key",
-                        "bench",
-                    ],
-                    logs / "server-at-stock.log",
+                # the stock proxy logs nothing per server: wait on the server's own log
+                stock_server = start_proxied_server(
+                    logs, stock, "bench", name="server-at-stock", wait=False
                 )
                 with running(stock_server):
                     stock_server.wait_for(

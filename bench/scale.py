@@ -33,7 +33,7 @@ from tvm.rpc import base
 from tvm.rpc.client import TrackerSession
 
 from bench.report import Table
-from tests.support import Process, running, start_stock_tracker, start_tracker
+from tvmrpc.harness import Process, running, start_stock_tracker, start_tracker
 
 CODE = base.TrackerCode
 KEY = "scale"

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from bench.report import Table
-from tests.server_support import start_server
-from tests.support import (
+from tvmrpc.harness import (
     Process,
     running,
+    start_server,
     start_stock_server,
     start_stock_tracker,
     start_tracker,

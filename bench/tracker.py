@@ -23,17 +23,14 @@ from tvm.rpc import base
 from tvm.rpc.client import TrackerSession
 
 from bench.report import Table
-from tests.support import running, start_stock_tracker, start_tracker
+from tvmrpc.harness import running, start_stock_tracker, start_tracker, stock_tracker_socket
 
 CODE = base.TrackerCode
 
 
 def connect(port: int) -> socket.socket:
-    """A tracker connection made exactly as the stock client makes it."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-    assert struct.unpack("<i", base.recvall(sock, 4))[0] == base.RPC_TRACKER_MAGIC
-    return sock
+    """A tracker connection made exactly as the stock client makes it (blocking)."""
+    return stock_tracker_socket(port, timeout=None)
 
 
 def call(sock: socket.socket, value):

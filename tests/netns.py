@@ -30,10 +30,11 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import attrs
+import psutil
 
 PREFIX = "tvmrpc-t"
 CLONE_NEWNET = 0x40000000
@@ -52,16 +53,6 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Delete ``tvmrpc-t<pid>-*`` namespaces whose pid is gone; return their names."""
     removed = []
@@ -70,7 +61,7 @@ def remove_stale() -> list[str]:
         if not name.startswith(PREFIX):
             continue
         pid = name[len(PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             ip("netns", "delete", name, check=False)
             removed.append(name)
     return removed
@@ -245,3 +236,20 @@ class Topology:
             ns = self.created.pop()
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 ip("netns", "delete", ns.name, check=False)
+
+
+@contextlib.contextmanager
+def created_or_skip(tag: str | None = None) -> Iterator[Topology]:
+    """A created :class:`Topology` for a fixture, destroyed at the end; the test
+    is skipped, saying why, where namespaces cannot be made."""
+    import pytest
+
+    topology = Topology(tag)
+    try:
+        topology.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield topology
+    finally:
+        topology.destroy()

@@ -5,71 +5,52 @@ from __future__ import annotations
 import re
 import select
 import socket
-import struct
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support import Daemon, Process, subprocess_env
-from tvmrpc.codec import RPC_CODE_SUCCESS, RPC_MAGIC, encode_handshake
+from twisted.internet.testing import StringTransport
 
-WEB_LISTENING = re.compile(r"tvm-proxy web listening on (\S+):(\d+)")
+from tests.support import Process, subprocess_env
+from tvmrpc.codec import encode_handshake
+from tvmrpc.harness.sockets import raw_leg, raw_pair, read_reply, recvall, send_handshake
+from tvmrpc.harness.starters import WEB_LISTENING, start_proxied_server, start_proxy
+from tvmrpc.proxy.protocol import ProxyFactory
 
-
-def start_proxy(
-    log_dir: Path, *extra: str, name: str = "proxy", web: bool = False, verbose: bool = True
-) -> Daemon:
-    """Our proxy on a kernel-chosen loopback port; ``web_port`` set when ``web``.
-
-    Tests run it ``--verbose`` to wait for its "waits as server" lines.
-    """
-    args = ["--listen", "tcp:0:interface=127.0.0.1", "--host", "127.0.0.1", *extra]
-    if verbose:
-        args.append("--verbose")
-    if web:
-        args += ["--web-port", "0"]
-    daemon = Daemon("tvm-proxy", args, log_dir / f"{name}.log")
-    daemon.port = int(daemon.wait_for(r"tvm-proxy listening on \S+:(\d+)").group(1))
-    if web:
-        daemon.web_port = int(daemon.wait_for(WEB_LISTENING).group(2))  # type: ignore[attr-defined]
-    return daemon
+__all__ = [  # what the proxy tests import from here (most from tvmrpc.harness)
+    "WEB_LISTENING",
+    "Wire",
+    "raw_leg",
+    "raw_pair",
+    "read_reply",
+    "recvall",
+    "send_handshake",
+    "start_proxied_server",
+    "start_proxy",
+]
 
 
-def start_proxied_server(
-    log_dir: Path,
-    proxy: Daemon,
-    key: str,
-    name: str | None = None,
-    extra: Sequence[str] = (),
-    wait: bool = True,
-) -> Process:
-    """A stock ``tvm.exec.rpc_server --through-proxy``; with ``wait``, returns once the
-    (verbose) proxy holds it."""
-    mark = proxy.mark()
-    proc = Process(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_server",
-            "--through-proxy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(proxy.port),
-            "--key",
-            key,
-            *extra,
-        ],
-        log_dir / f"{name or 'proxied-server-' + key}.log",
-        env=subprocess_env(),
-    )
-    if wait:
-        try:
-            proxy.wait_for(rf"waits as server {re.escape(key)}\b", start=mark)
-        except BaseException:
-            proc.stop()  # the caller never gets it, so nobody else would
-            raise
-    return proc
+class Wire:
+    """One proxy-side protocol on a string transport (unit tests of the proxy)."""
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.proto = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.transport.disconnected
+
+    def lose(self) -> None:
+        self.proto.connectionLost()
 
 
 def start_websocket_server(log_dir: Path, url: str, key: str) -> Process:
@@ -84,54 +65,6 @@ def start_websocket_server(log_dir: Path, url: str, key: str) -> Process:
         log_dir / f"ws-server-{key}.log",
         env=subprocess_env(),
     )
-
-
-def recvall(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes, or fewer if the peer closed."""
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def send_handshake(sock: socket.socket, key: str) -> None:
-    """The connecting side's handshake, in the stock client's three writes."""
-    data = key.encode()
-    sock.sendall(struct.pack("<i", RPC_MAGIC))
-    sock.sendall(struct.pack("<i", len(data)))
-    sock.sendall(data)
-
-
-def read_reply(sock: socket.socket) -> tuple[int | None, str | None]:
-    """The proxy's answer: (code, peer key); code None if it closed first."""
-    head = recvall(sock, 4)
-    if len(head) < 4:
-        return None, None
-    (code,) = struct.unpack("<i", head)
-    if code != RPC_CODE_SUCCESS:
-        return code, None
-    (length,) = struct.unpack("<i", recvall(sock, 4))
-    return code, recvall(sock, length).decode()
-
-
-def raw_leg(port: int, key: str, timeout: float = 60) -> socket.socket:
-    """A connected socket that has sent ``key`` (the answer is left unread)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    send_handshake(sock, key)
-    return sock
-
-
-def raw_pair(port: int, key: str) -> tuple[socket.socket, socket.socket]:
-    """A fake server and client paired by ``key`` (whichever arrives first waits)."""
-    server = raw_leg(port, f"server:{key}")
-    client = raw_leg(port, f"client:{key}")
-    assert read_reply(server) == (RPC_CODE_SUCCESS, f"client:{key}")
-    assert read_reply(client) == (RPC_CODE_SUCCESS, f"server:{key}")
-    return server, client
 
 
 def loopback_source(index: int) -> str:

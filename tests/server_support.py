@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Daemon, subprocess_env
+from tests.support import subprocess_env
 from tvmrpc.codec import RPC_MAGIC
+from tvmrpc.harness.starters import start_server
+
+__all__ = ["start_server"]  # shared with the bench through tvmrpc.harness
 
 BLOCKED = ("numpy", "cloudpickle", "tornado")
 
@@ -93,29 +96,6 @@ def server_env(*first_on_path: Path) -> dict[str, str]:
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([*map(str, first_on_path), env["PYTHONPATH"]])
     return env
-
-
-def start_server(
-    log_dir: Path,
-    key: str,
-    *extra: str,
-    name: str | None = None,
-    env: dict[str, str] | None = None,
-    listen: bool = True,
-) -> Daemon:
-    """Our server on a kernel-chosen loopback port; returns once its board is ready
-    (zygote warm and health check passed)."""
-    args = ["--key", key, *extra]
-    if listen:
-        args = ["--listen", "tcp:0:interface=127.0.0.1", *args]
-    daemon = Daemon(
-        "tvm-server", args, log_dir / f"{name or 'server-' + key}.log", env=env or subprocess_env()
-    )
-    if listen:
-        daemon.wait_listening()
-    daemon.wait_for(r"worker zygote \d+ warm")
-    daemon.wait_for(r"board ready")
-    return daemon
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,6 @@ sleeping.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
@@ -135,6 +134,7 @@ def activated(
         command += ["-E", f"{name}={value}"]
     proc = Process([*command, *argv], log_path, env=child_env)
     proc.wait_for(rf"Listening on 127\.0\.0\.1:{port}")
+    proc.host, proc.port = "127.0.0.1", port
     return proc
 
 
@@ -145,11 +145,3 @@ def stock_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -43,11 +43,12 @@ import pytest
 from crossbuild import emulate, rootfs
 from crossbuild.wheels import keep_wheels
 from tests import netns
-from tests.netns import NetnsUnavailable, Topology
+from tests.netns import Topology
 from tests.support import Process, subprocess_env
 from tvmrpc import demo
 from tvmrpc.demo import daemons, runner, tracker_state
 from tvmrpc.demo.board import EmulatedBoard, host_tvm_version
+from tvmrpc.harness import Group
 from tvmrpc.mlp import AARCH64_CC, AARCH64_TARGET, build_mlp
 
 TRACKER_PORT = 9190
@@ -113,15 +114,8 @@ def test_without_root_the_reason_is_one_line(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="module")
 def topo() -> Iterator[Topology]:
     # Its own names: tests/test_topology.py builds one in this same process.
-    topology = Topology(tag=f"{netns.PREFIX}{os.getpid()}-arm")
-    try:
-        topology.create()
-    except NetnsUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
+    with netns.created_or_skip(tag=f"{netns.PREFIX}{os.getpid()}-arm") as topology:
         yield topology
-    finally:
-        topology.destroy()
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +156,11 @@ class Lab:
     def __init__(self, topo: Topology, log_dir: Path) -> None:
         self.topo = topo
         self.log_dir = log_dir
-        self.procs: list[Process] = []
+        self.group = Group(log_dir)
         self.tracker_from_a = (topo.B_A_ADDR, TRACKER_PORT)
 
     def spawn(self, ns: Any, name: str, argv: list[str]) -> Process:
-        proc = Process(ns.argv(*argv), self.log_dir / f"{name}.log")
-        self.procs.append(proc)
-        return proc
+        return self.group.start(name, ns.argv(*argv))
 
     def start(self) -> None:
         tracker = self.spawn(self.topo.b, "tracker", daemons.tracker_argv("0.0.0.0", TRACKER_PORT))
@@ -186,8 +178,7 @@ class Lab:
         proxy.wait_for(r"tvm-proxy listening on", START)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+        self.group.stop()
 
     def wait_free(self, key: str) -> dict[str, Any]:
         return tracker_state.wait_until(

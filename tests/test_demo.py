@@ -8,13 +8,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.support import subprocess_env
+from tests.support import run_module
 from tvmrpc.demo import tracker_state
 
 pytestmark = [pytest.mark.stock, pytest.mark.slow]
@@ -24,13 +23,7 @@ PID = re.compile(r"^  (\S+)\s+pid (\d+)", re.M)
 
 
 def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tvmrpc.cli", "demo", *args],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=timeout,
-    )
+    return run_module("tvmrpc.cli", "demo", *args, timeout=timeout, check=False)
 
 
 def pids_in(output: str) -> dict[str, int]:

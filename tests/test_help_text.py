@@ -54,6 +54,12 @@ def help_texts() -> dict[str, str]:
     for daemon in ("tracker", "proxy", "server"):
         options = importlib.import_module(f"tvmrpc.{daemon}.service").Options()
         texts[f"twistd tvm-{daemon}"] = str(options)
+    from bench.__main__ import main as bench_main
+
+    overview = io.StringIO()
+    with contextlib.redirect_stdout(overview):
+        assert bench_main(["--help"]) == 0
+    texts["python -m bench"] = overview.getvalue()
     for bench in ("tracker", "scale", "server", "proxy"):
         module = importlib.import_module(f"bench.{bench}")
         texts[f"bench {bench}"] = rendered(lambda module=module: module.main(["--help"]))

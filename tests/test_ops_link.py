@@ -10,14 +10,13 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from tests.proxy_support import start_proxy
 from tests.server_support import start_server
-from tests.support import Daemon, Process, free_port, running, subprocess_env
+from tests.support import Daemon, Process, free_port, run_module, running
 
 pytestmark = pytest.mark.stock
 
@@ -32,6 +31,18 @@ def assert_clean_stop(daemon: Process) -> None:
         assert bad not in daemon.output, daemon.output
 
 
+def not_a_tracker(port: int, reason: str = "") -> str:
+    """The link's warning about 127.0.0.1:PORT, a regex; ``reason`` (a regex) follows it."""
+    return rf"#warn\] tracker 127\.0\.0\.1:{port} is not a TVM tracker" + (
+        f": {reason}" if reason else ""
+    )
+
+
+def proxy_at(log_dir, port: int) -> Daemon:
+    """Our proxy registering at 127.0.0.1:PORT."""
+    return start_proxy(log_dir, "--tracker", f"127.0.0.1:{port}")
+
+
 def test_http_server_is_named_not_a_tvm_tracker(log_dir):
     port = free_port()
     http = Process(
@@ -40,13 +51,9 @@ def test_http_server_is_named_not_a_tvm_tracker(log_dir):
     )
     with running(http):
         http.wait_for(r"Serving HTTP")
-        proxy = start_proxy(log_dir, "--tracker", f"127.0.0.1:{port}")
-        with running(proxy):
-            proxy.wait_for(
-                rf"#warn\] tracker 127\.0\.0\.1:{port} is not a TVM tracker: "
-                r"no answer to the magic within 5 s; retrying in [\d.]+ s",
-                WARN_WITHIN,
-            )
+        with running(proxy_at(log_dir, port)) as proxy:
+            reason = r"no answer to the magic within 5 s; retrying in [\d.]+ s"
+            proxy.wait_for(not_a_tracker(port, reason), WARN_WITHIN)
         assert_clean_stop(proxy)
 
 
@@ -66,12 +73,8 @@ def test_banner_peer_is_named_not_a_tvm_tracker(log_dir):
     )
     with running(banner):
         banner.wait_for("ready")
-        with running(start_proxy(log_dir, "--tracker", f"127.0.0.1:{port}")) as proxy:
-            proxy.wait_for(
-                rf"#warn\] tracker 127\.0\.0\.1:{port} is not a TVM tracker: "
-                r"it answered b'SSH-' to the magic",
-                WARN_WITHIN,
-            )
+        with running(proxy_at(log_dir, port)) as proxy:
+            proxy.wait_for(not_a_tracker(port, r"it answered b'SSH-' to the magic"), WARN_WITHIN)
 
 
 def test_silent_socket_is_named_and_stopping_meanwhile_is_clean(log_dir):
@@ -80,13 +83,8 @@ def test_silent_socket_is_named_and_stopping_meanwhile_is_clean(log_dir):
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)  # the kernel completes connections; nobody reads them
         port = silent.getsockname()[1]
-        proxy = start_proxy(log_dir, "--tracker", f"127.0.0.1:{port}")
-        with running(proxy):
-            proxy.wait_for(
-                rf"#warn\] tracker 127\.0\.0\.1:{port} is not a TVM tracker: "
-                r"no answer to the magic within 5 s",
-                WARN_WITHIN,
-            )
+        with running(proxy_at(log_dir, port)) as proxy:
+            proxy.wait_for(not_a_tracker(port, "no answer to the magic within 5 s"), WARN_WITHIN)
             # Stopped while the next attempt hangs in the magic: no unhandled error.
         assert_clean_stop(proxy)
 
@@ -98,9 +96,7 @@ def test_server_registrar_names_a_silent_tracker(log_dir):
         port = silent.getsockname()[1]
         server = start_server(log_dir, "board", "--tracker", f"127.0.0.1:{port}")
         with running(server):
-            server.wait_for(
-                rf"#warn\] tracker 127\.0\.0\.1:{port} is not a TVM tracker", WARN_WITHIN
-            )
+            server.wait_for(not_a_tracker(port), WARN_WITHIN)
         assert_clean_stop(server)
 
 
@@ -145,12 +141,8 @@ def test_query_names_a_silent_socket_not_a_tvm_tracker():
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         port = silent.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "tvmrpc.cli", "query", "--port", str(port), "--timeout", "4"],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            timeout=60,
+        result = run_module(
+            "tvmrpc.cli", "query", "--port", str(port), "--timeout", "4", check=False
         )
     assert result.returncode == 1
     assert result.stderr == (

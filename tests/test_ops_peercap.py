@@ -18,13 +18,17 @@ pytestmark = pytest.mark.stock
 
 
 def refused(port: int) -> bool:
-    """True if the tracker closes a new connection without answering the magic."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        try:
+    """True if the tracker closes a new connection without answering the magic.
+
+    The tracker aborts a refused peer at accept, so the reset may reach
+    connect() itself (seen in a loaded run): that too is a close without an answer.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(struct.pack("<i", 0x2F271))
             return sock.recv(4) == b""
-        except (ConnectionResetError, BrokenPipeError):
-            return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
 
 
 def test_tracker_refuses_the_n_plus_first_connection_and_accepts_after_a_close(log_dir):

@@ -12,7 +12,7 @@ from tvm import rpc
 from tests.proxy_support import start_proxied_server, start_proxy
 from tests.server_support import start_server
 from tests.support import LISTENING, Process, running, subprocess_env
-from tvmrpc.demo.daemons import twistd_argv
+from tvmrpc.harness import twistd_argv
 
 pytestmark = pytest.mark.stock
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from tests.support import (
     Daemon,
     Process,
     free_port,
+    run_module,
     running,
     start_tracker,
     stock_tracker_socket,
@@ -163,14 +162,7 @@ def test_tracker_on_a_unix_socket_serves_our_query(log_dir, tmp_path):
             board.sendall(struct.pack("<i", len(frame)) + frame)
             assert board.recv(100) == struct.pack("<i", 1) + b"0"
             # ... and our query reads the tracker's state over it.
-            out = subprocess.run(
-                [sys.executable, "-m", "tvmrpc.cli", "query", "--host", f"unix:{path}", "--json"],
-                capture_output=True,
-                text=True,
-                env=subprocess_env(),
-                timeout=60,
-                check=True,
-            ).stdout
+            out = run_module("tvmrpc.cli", "query", "--host", f"unix:{path}", "--json").stdout
         assert '"unixboard"' in out
         assert '"free": 1' in out
 
@@ -216,20 +208,8 @@ def test_query_honours_tvm_tracker_host_and_port_like_stock(log_dir):
         env = subprocess_env(
             {"TVM_TRACKER_HOST": "127.0.0.1", "TVM_TRACKER_PORT": str(tracker.port)}
         )
-        ours = subprocess.run(
-            [sys.executable, "-m", "tvmrpc.cli", "query"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        stock = subprocess.run(
-            [sys.executable, "-m", "tvm.exec.query_rpc_tracker"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        ours = run_module("tvmrpc.cli", "query", env=env, check=False)
+        stock = run_module("tvm.exec.query_rpc_tracker", env=env, check=False)
     assert ours.returncode == 0, ours.stderr
     assert f"Tracker address 127.0.0.1:{tracker.port}" in ours.stdout
     assert "envboard" in ours.stdout

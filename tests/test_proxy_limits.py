@@ -10,8 +10,8 @@ import struct
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
+from tests.proxy_support import Wire
 from tvmrpc.codec import (
     MAX_FRAME_BYTES,
     MAX_KEY_CHARS,
@@ -112,30 +112,6 @@ def test_max_server_keys_keeps_the_worst_update_info_under_the_frame_limit():
 
 
 # -- the switchboard and TCP legs applying them ---------------------------------
-
-
-class Wire:
-    """One proxy-side protocol on a string transport."""
-
-    def __init__(self, factory: ProxyFactory) -> None:
-        self.proto = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.proto.dataReceived(data)
-
-    def take(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting or self.transport.disconnected
-
-    def lose(self) -> None:
-        self.proto.connectionLost()
 
 
 def reply(code: int, key: str | None = None) -> bytes:

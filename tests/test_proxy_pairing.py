@@ -6,8 +6,8 @@ import struct
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
+from tests.proxy_support import Wire
 from tvmrpc.codec import (
     RPC_CODE_DUPLICATE,
     RPC_CODE_MISMATCH,
@@ -132,23 +132,6 @@ def test_matchkey_grammar():
 
 
 # -- the switchboard and TCP legs with string transports ---------------------
-
-
-class Wire:
-    """One proxy-side protocol on a string transport."""
-
-    def __init__(self, factory: ProxyFactory) -> None:
-        self.proto = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.proto.dataReceived(data)
-
-    def take(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
 
 
 def reply(code: int, key: str | None = None) -> bytes:

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import directlyProvides
 
+from tvmrpc.harness.sockets import recvall
 from tvmrpc.proxy import handover
 from tvmrpc.proxy.splice import SpliceRelay, State, splice_supported
 
@@ -32,14 +33,7 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     sock.settimeout(30)
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+    return recvall(sock, n)
 
 
 def turns(reactor, n: int = 5) -> defer.Deferred:

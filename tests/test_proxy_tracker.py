@@ -3,40 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from tvm import rpc
 from tvm.rpc import base
 
 from tests.proxy_support import start_proxied_server, start_proxy
-from tests.support import Daemon, running, start_tracker, stock_tracker_socket, subprocess_env
+from tests.support import Daemon, run_module, running, start_tracker, stock_tracker_socket
 from tvmrpc.mlp import build_mlp, run_mlp
 
 pytestmark = pytest.mark.stock
 
 
 def query(port: int, *args: str) -> str:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tvmrpc.cli",
-            "query",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=True,
-    )
-    return done.stdout
+    return run_module(
+        "tvmrpc.cli", "query", "--host", "127.0.0.1", "--port", str(port), *args
+    ).stdout
 
 
 def test_servers_behind_proxy_registered_and_reached(log_dir, tmp_path):

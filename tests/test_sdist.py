@@ -82,7 +82,11 @@ def test_sdist_holds_every_tracked_file(unpacked):
     assert [f for f in shipped if any(j in f for j in JUNK)] == []
     # What this test suite and CI need, named so a broken MANIFEST.in says what it lost.
     needed = ["tox.ini", "pytest.ini", "dev.sh", ".ci/run", ".ci/sdist-check", "LICENSE"]
-    needed += ["docs/development.md", "tests/conftest.py", "tests/support.py"]
+    needed += ["pyproject.toml", "setup.py", "docs/development.md", "tvmrpc/harness/__init__.py"]
+    # every test helper (what the tests import that is not a test file)
+    helpers = [p for p in (REPO_ROOT / "tests").glob("*.py") if not p.name.startswith("test_")]
+    needed += sorted(f"tests/{p.name}" for p in helpers)
+    assert "tests/support.py" in needed
     needed += ["crossbuild/templates/install.sh", "tvmrpc/systemd/units/tvm-server@.service"]
     assert [f for f in needed if f not in shipped] == []
 

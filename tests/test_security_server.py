@@ -74,27 +74,10 @@ def test_our_server_through_our_proxy_with_the_secret(log_dir, secret_file):
 
 
 def test_our_server_at_a_stock_proxy_says_so(log_dir, secret_file):
-    from tests.support import Process, free_port
+    from tvmrpc.harness import start_stock_proxy
 
-    port = free_port()
-    import sys
-
-    stock = Process(
-        [
-            sys.executable,
-            "-m",
-            "tvm.exec.rpc_proxy",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        log_dir / "stock-proxy.log",
-    )
-    with running(stock):
-        stock.wait_for(r"RPCProxy: client port bind to 127\.0\.0\.1:\d+")
+    with running(start_stock_proxy(log_dir)) as stock:
+        port = stock.port
         args = ("--through-proxy", "--host", "127.0.0.1", "--port", str(port))
         server = start_server(
             log_dir,

@@ -38,6 +38,7 @@ from tests.support import (
 )
 from tvmrpc.codec import RPC_MAGIC
 from tvmrpc.demo.daemons import twistd_argv
+from tvmrpc.harness import wait_exit
 
 pytestmark = pytest.mark.stock
 
@@ -275,17 +276,6 @@ def _pids(text: str) -> list[int]:
     return [int(pid) for pid in text.split(",") if pid]
 
 
-def _wait_gone(pid: int, timeout: float = 30) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return not alive(pid) or bool(select.select([fd], [], [], timeout)[0])
-    finally:
-        os.close(fd)
-
-
 def test_a_kernels_children_die_with_its_session_and_the_daemon(log_dir, tmp_path):
     # Stock fails this: the children are re-parented to PID 1 and keep running (issue 14.6).
     path, module = init_module_dir(tmp_path / "init")
@@ -296,13 +286,13 @@ def test_a_kernels_children_die_with_its_session_and_the_daemon(log_dir, tmp_pat
         assert len(children) == 3
         assert all(alive(pid) for pid in children)
         del session  # the session ends normally
-        assert all(_wait_gone(pid) for pid in children), [p for p in children if alive(p)]
+        assert all(wait_exit(pid, 30) for pid in children), [p for p in children if alive(p)]
         print(f"after a normal end: {sum(map(alive, children))} of 3 children left")
         session = rpc.connect("127.0.0.1", server.port, key="forky", session_timeout=60)
         children = _pids(session.get_function("tvmrpc_test.fork_sleepers")(3))
         os.kill(server.proc.pid, signal.SIGTERM)  # the daemon alone, as systemd's KillMode=mixed
         server.proc.wait(30)
-        assert all(_wait_gone(pid) for pid in children), [p for p in children if alive(p)]
+        assert all(wait_exit(pid, 30) for pid in children), [p for p in children if alive(p)]
         print(f"after the daemon stopped: {sum(map(alive, children))} of 3 children left")
 
 

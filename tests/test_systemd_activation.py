@@ -20,9 +20,9 @@ from tvm import rpc
 from twisted.internet.endpoints import serverFromString
 from twisted.python.systemd import ListenFDs
 
-from tests.support import Process, free_port, running, start_stock_server, subprocess_env
+from tests.support import free_port, running, start_stock_server, subprocess_env
 from tests.systemd_support import activated, needs_socket_activate
-from tvmrpc.demo.daemons import twistd_argv
+from tvmrpc.harness import start_proxied_server, twistd_argv
 from tvmrpc.systemd import activation
 
 # -- pure ----------------------------------------------------------------------------
@@ -221,20 +221,8 @@ def test_proxy_pairs_stock_server_and_client_through_the_activated_socket(
         f"systemd:domain=INET:{_selector(fdname, False)}",
     ]
     with running(activated(argv, log_dir / "proxy.log", port, fdname, env=env)) as proxy:
-        stock_server = Process(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_server",
-                "--through-proxy",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--key",
-                "behind",
-            ],
-            log_dir / "stock-server.log",
+        stock_server = start_proxied_server(
+            log_dir, proxy, "behind", name="stock-server", wait=False
         )
         with running(stock_server):
             proxy.wait_for(r'"text": "\S+ waits as server behind')

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, subprocess_env
+from tests.support import REPO_ROOT, run_module, subprocess_env
 from tests.systemd_support import SYSTEMD_ANALYZE, needs_systemd_analyze
 from tvmrpc import cli
 from tvmrpc.systemd import launch, units
@@ -252,42 +252,34 @@ def test_no_plugin_cache_warning_for_an_unprivileged_daemon_after_systemd_units(
             path.chmod(0o755 if path.is_dir() else 0o644)
         env = subprocess_env({"PYTHONPATH": str(root)})
         as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        before = subprocess.run(
-            [*as_nobody, sys.executable, "-c", LIST_PLUGINS],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=root,
-            timeout=120,
-        )
+
+        def list_plugins_as_nobody() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*as_nobody, sys.executable, "-c", LIST_PLUGINS],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+                timeout=120,
+            )
+
+        before = list_plugins_as_nobody()
         assert f"{CACHE_WARNING} {plugins / 'dropin.cache'}" in before.stdout, before.stdout
         # What the operator runs as root after installing or upgrading.
-        install = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tvmrpc.cli",
-                "systemd-units",
-                "--prefix",
-                sys.prefix,
-                "--out",
-                str(root / "units"),
-            ],
-            capture_output=True,
-            text=True,
+        install = run_module(
+            "tvmrpc.cli",
+            "systemd-units",
+            "--prefix",
+            sys.prefix,
+            "--out",
+            str(root / "units"),
             env=subprocess_env({"PYTHONPATH": f"{root}:{REPO_ROOT}"}),
             timeout=120,
+            check=False,
         )
         assert install.returncode == 0, install.stderr
         assert "refreshed Twisted's plugin cache" in install.stdout
-        after = subprocess.run(
-            [*as_nobody, sys.executable, "-c", LIST_PLUGINS],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=root,
-            timeout=120,
-        )
+        after = list_plugins_as_nobody()
         assert after.returncode == 0, after.stderr
         assert CACHE_WARNING not in after.stdout, after.stdout
     finally:

@@ -27,6 +27,7 @@ from tests import netns
 from tests.netns import NetnsUnavailable, Topology
 from tests.support import Process
 from tvmrpc.demo import daemons, tracker_state
+from tvmrpc.harness import Group, module_argv
 from tvmrpc.mlp import build_mlp
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -50,14 +51,12 @@ class Lab:
         self.topo = topo
         self.log_dir = log_dir
         self.library = library
-        self.procs: list[Process] = []
+        self.group = Group(log_dir)
         self.tracker: Process | None = None
         self.tracker_address = (topo.B_A_ADDR, TRACKER_PORT)  # as A sees it
 
     def spawn(self, ns: Any, name: str, argv: list[str]) -> Process:
-        proc = Process(ns.argv(*argv), self.log_dir / f"{name}.log")
-        self.procs.append(proc)
-        return proc
+        return self.group.start(name, ns.argv(*argv))
 
     def start_tracker(self, name: str = "tracker") -> None:
         self.tracker = self.spawn(self.topo.b, name, daemons.tracker_argv("0.0.0.0", TRACKER_PORT))
@@ -97,8 +96,7 @@ class Lab:
         )
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+        self.group.stop()
 
     # -- looking from A -------------------------------------------------------------
 
@@ -150,18 +148,8 @@ class Lab:
         host, port = self.tracker_address
         proc = self.spawn(
             self.topo.a,
-            f"query{len(self.procs)}",
-            [
-                sys.executable,
-                "-m",
-                "tvmrpc.cli",
-                "query",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                *args,
-            ],
+            f"query{len(self.group.procs)}",
+            module_argv("tvmrpc.cli", "query", "--host", host, "--port", str(port), *args),
         )
         code = proc.proc.wait(START)
         proc.stop()  # also waits until all its output has been read
@@ -171,15 +159,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[Topology]:
-    topology = Topology()
-    try:
-        topology.create()
-    except NetnsUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
+    with netns.created_or_skip() as topology:
         yield topology
-    finally:
-        topology.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from tvm.rpc import base
 from tests.support import (
     Daemon,
     free_port,
+    run_module,
     running,
     start_stock_server,
     start_tracker,
@@ -93,21 +94,8 @@ def test_query_is_byte_identical_to_stock(tracker, log_dir):
             ),
             "three stock servers registered",
         )
-        stock = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.query_rpc_tracker",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            timeout=60,
-            check=True,
+        stock = run_module(
+            "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port", str(port)
         ).stdout
         ours = query("--host", "127.0.0.1", "--port", str(port))
         assert ours.returncode == 0, ours.stderr

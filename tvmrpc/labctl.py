@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tvmrpc {action}: the tracker refused ({exc.code}): {reason}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"tvmrpc {action}: cannot reach {url}: {reason}", file=sys.stderr)
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"tvmrpc {action}: cannot reach {url}: {why}", file=sys.stderr)
         return 1
     name = f"board {args.board}" if args.board is not None else f"every board of key {args.key}"
     print(f"{action}: {name} {WHAT_HAPPENS[action]}")

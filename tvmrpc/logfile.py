@@ -25,8 +25,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -37,9 +38,10 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python import logfile
+from twisted.python.log import ILogObserver as ILegacyLogObserver
 from twisted.python.reflect import namedAny
 
-log = Logger(namespace="tvmrpc.log")
+log = Logger()
 
 _settings: dict[str, Any] = {}
 #: The log file :func:`observer` opened, if it opened one.
@@ -73,7 +75,9 @@ def observer() -> ILogObserver:
     elif _settings.get("syslog"):
         from twisted.python.syslog import SyslogObserver
 
-        base = LegacyLogObserverWrapper(SyslogObserver(_settings["prefix"]).emit)
+        # A legacy observer is any callable; Twisted types the parameter as the interface.
+        emit = cast(ILegacyLogObserver, SyslogObserver(_settings["prefix"]).emit)
+        base = LegacyLogObserverWrapper(emit)
     else:
         base = textFileLogObserver(_open_output())
     signal.signal(signal.SIGHUP, _on_sighup)
@@ -99,7 +103,7 @@ def _open_output() -> Any:
 def _in_reactor(call: Any) -> None:
     from twisted.internet import reactor
 
-    reactor.callFromThread(call)
+    IReactorThreads(reactor).callFromThread(call)
 
 
 def _on_sighup(signum: int, frame: Any) -> None:

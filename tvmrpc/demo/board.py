@@ -35,7 +35,7 @@ import attrs
 from crossbuild import emulate, rootfs
 from crossbuild.errors import CrossbuildError
 
-from .daemons import child_env
+from ..harness import child_env
 
 TRIPLE = "aarch64-linux-gnu"
 PREFIX = "/opt/tvmrpc"  # where the bundle is installed, inside the board

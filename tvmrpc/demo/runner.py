@@ -14,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import subprocess
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -22,9 +22,9 @@ from typing import IO, Any
 
 import attrs
 
+from ..harness import DaemonError, Group, Process, run_module
 from . import daemons, tracker_state
 from .board import EmulatedBoard
-from .daemons import Daemon, DaemonError
 from .steps import StepError, Steps, bounded
 
 
@@ -47,7 +47,7 @@ class Demo:
     out: IO[str]
     log_dir: Path
     steps: Steps
-    started: list[Daemon] = attrs.Factory(list)
+    group: Group
     tracker: tuple[str, int] | None = None
     proxy: tuple[str, int] | None = None
     rows: list[Row] = attrs.Factory(list)
@@ -55,13 +55,11 @@ class Demo:
 
     # -- helpers ----------------------------------------------------------------
 
-    def launch(self, name: str, argv: list[str]) -> Daemon:
-        daemon = Daemon(name, argv, self.log_dir / f"{name}.log")
-        self.started.append(daemon)
-        return daemon
+    def launch(self, name: str, argv: list[str]) -> Process:
+        return self.group.start(name, argv)
 
     def check_alive(self) -> None:
-        for daemon in self.started:
+        for daemon in self.group.procs:
             if not daemon.alive():
                 raise DaemonError(
                     f"{daemon.name} exited with status {daemon.proc.returncode}; "
@@ -90,26 +88,28 @@ class Demo:
 
     # -- the steps ----------------------------------------------------------------
 
-    def start_tracker(self) -> None:
-        with self.steps.step("start the tracker (twistd tvm-tracker)"):
-            tracker = self.launch(
-                "tracker", daemons.tracker_argv(self.args.host, self.args.tracker_port)
-            )
-            self.tracker = tracker.wait_listening(self.args.step_timeout)
+    def start_listening(self, title: str, name: str, argv: list[str]) -> tuple[str, int]:
+        """A step that starts a daemon and waits until it listens; its address."""
+        with self.steps.step(title):
+            daemon = self.launch(name, argv)
+            daemon.wait_listening(self.args.step_timeout)
+            host, port = daemon.address
             self.steps.note(
-                f"listening on {self.tracker[0]}:{self.tracker[1]} "
-                f"(pid {tracker.pid}, log {tracker.log_path.name})"
+                f"listening on {host}:{port} (pid {daemon.pid}, log {daemon.log_path.name})"
             )
+        return host, port
+
+    def start_tracker(self) -> None:
+        argv = daemons.tracker_argv(self.args.host, self.args.tracker_port)
+        self.tracker = self.start_listening(
+            "start the tracker (twistd tvm-tracker)", "tracker", argv
+        )
 
     def start_proxy(self) -> None:
         assert self.tracker is not None
-        with self.steps.step("start the proxy, registered with the tracker (twistd tvm-proxy)"):
-            proxy = self.launch("proxy", daemons.proxy_argv(self.args.host, self.tracker))
-            self.proxy = proxy.wait_listening(self.args.step_timeout)
-            self.steps.note(
-                f"listening on {self.proxy[0]}:{self.proxy[1]} "
-                f"(pid {proxy.pid}, log {proxy.log_path.name})"
-            )
+        title = "start the proxy, registered with the tracker (twistd tvm-proxy)"
+        argv = daemons.proxy_argv(self.args.host, self.tracker)
+        self.proxy = self.start_listening(title, "proxy", argv)
 
     def start_servers(self) -> None:
         assert self.tracker is not None
@@ -152,12 +152,15 @@ class Demo:
         assert self.tracker is not None
         host, port = self.tracker
         with self.steps.step(f"tvmrpc query --host {host} --port {port}"):
-            done = subprocess.run(
-                [sys.executable, "-m", "tvmrpc.cli", "query", "--host", host, "--port", str(port)],
-                capture_output=True,
-                text=True,
-                env=daemons.child_env(),
+            done = run_module(
+                "tvmrpc.cli",
+                "query",
+                "--host",
+                host,
+                "--port",
+                str(port),
                 timeout=self.args.step_timeout,
+                check=False,
             )
             if done.returncode != 0:
                 raise RuntimeError(f"exit status {done.returncode}: {done.stderr.strip()}")
@@ -239,8 +242,8 @@ class Demo:
             with self.steps.step(title):
                 self.check_alive()
                 outcome = bounded(
-                    lambda key=row.key, lib=lib: request_and_run(
-                        tracker, key, lib, self.args.step_timeout
+                    functools.partial(
+                        request_and_run, tracker, row.key, lib, self.args.step_timeout
                     ),
                     self.args.step_timeout,
                     f"the session for {row.key!r}",
@@ -267,12 +270,12 @@ class Demo:
             self.steps.say(f"  {row.key:<{width}}  {row.path:<{path_width}}  {seconds}  {result}")
 
     def shutdown(self) -> None:
-        if not self.started:
+        if not self.group.procs:
             return
         self.steps.say("")
         self.steps.say("Stopping the daemons")
-        for daemon in reversed(self.started):
-            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.stop()}")
+        for daemon in self.group.stop():
+            self.steps.say(f"  {daemon.name:<15} pid {daemon.pid:<7} {daemon.ended}")
         if self.board is not None and self.board.root.exists():
             left = self.board.processes()
             if left:
@@ -286,7 +289,7 @@ class Demo:
         host, port = self.tracker
         self.steps.say("")
         self.steps.say(f"--keep: the daemons are still running (logs in {self.log_dir})")
-        for daemon in self.started:
+        for daemon in self.group.procs:
             self.steps.say(f"  {daemon.name:<15} pid {daemon.pid}")
         self.steps.say("Talk to them:")
         self.steps.say(f"  tvmrpc query --host {host} --port {port}")
@@ -294,7 +297,7 @@ class Demo:
             f"  python -c \"from tvm import rpc; s = rpc.connect_tracker('{host}', {port})"
             f".request('{self.args.direct_key}'); print(s.get_function('testing.echo')('hi'))\""
         )
-        groups = " ".join(f"-{d.pid}" for d in self.started)
+        groups = " ".join(f"-{d.pid}" for d in self.group.procs)
         self.steps.say("Stop them (each leads a process group, so its workers stop too):")
         self.steps.say(f"  kill -TERM -- {groups}")
 
@@ -316,7 +319,8 @@ def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="tvmrpc-demo-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, args.step_timeout)
-    demo = Demo(args, out, log_dir, steps)
+    # With --keep the daemons must outlive the demo; otherwise they die with it.
+    demo = Demo(args, out, log_dir, steps, Group(log_dir, die_with_parent=not args.keep))
     steps.say(f"tvmrpc demo: daemon logs go to {log_dir}")
     failed: StepError | None = None
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..codec.keys import MAX_KEY_CHARS
@@ -80,7 +80,8 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         """``[(le, cumulative count), ..., ("+Inf", count)]`` as Prometheus wants."""
-        out, running = [], 0
+        out: list[tuple[str, float]] = []
+        running = 0
         for bound, n in zip((*map(_le, self.bounds), "+Inf"), self.counts, strict=True):
             running += n
             out.append((bound, running))
@@ -124,7 +125,7 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def counter_family(name: str, doc: str, counts: dict[Any, float], labels: Sequence[str]) -> Any:
+def counter_family(name: str, doc: str, counts: Mapping[Any, float], labels: Sequence[str]) -> Any:
     """A CounterMetricFamily from ``{label value (or tuple): count}``."""
     from prometheus_client.core import CounterMetricFamily
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -27,7 +28,7 @@ from twisted.web.server import Site
 from ..exiting import stop_with_exit_code
 from ..listening import endpoint_for
 
-log = Logger(namespace="tvmrpc.status")
+log = Logger()
 
 #: Exit status of a daemon whose status endpoint cannot be bound.
 EXIT_CANNOT_LISTEN = 1
@@ -148,7 +149,7 @@ class StatusService(service.Service):
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         address = port.getHost()
-        if hasattr(address, "port"):
+        if isinstance(address, IPv4Address | IPv6Address):
             host, number = address.host, address.port
             log.info("{name} at http://{host}:{port}/", name=self.name, host=host, port=number)
         else:  # a UNIX socket (unix:PATH endpoint)

@@ -98,22 +98,30 @@ def refresh_plugin_cache() -> list[str]:
     running as a dynamic user cannot write the cache after an upgrade, and
     Twisted then logs "Unable to write to plugin cache" at every start.
     """
-    from twisted.logger import formatEvent, globalLogPublisher
+    # Twisted is imported here, not at module level: `tvmrpc --help` loads this module.
+    from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
     from twisted.plugin import IPlugin, getPlugins
+    from zope.interface import implementer
 
-    problems: list[str] = []
+    @implementer(ILogObserver)
+    class CacheProblems:
+        """Keeps the text of plugin-cache warnings and errors."""
 
-    def watch(event: dict) -> None:
-        text = formatEvent(event)
-        if "plugin cache" in text or event.get("isError") or event.get("log_failure"):
-            problems.append(text)
+        def __init__(self) -> None:
+            self.problems: list[str] = []
 
+        def __call__(self, event: LogEvent) -> None:
+            text = formatEvent(event)
+            if "plugin cache" in text or event.get("isError") or event.get("log_failure"):
+                self.problems.append(text)
+
+    watch = CacheProblems()
     globalLogPublisher.addObserver(watch)
     try:
         list(getPlugins(IPlugin))
     finally:
         globalLogPublisher.removeObserver(watch)
-    return problems
+    return watch.problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
