@@ -3,13 +3,18 @@
 :class:`IDeviceRuntime` is what the daemon needs from a device; every method
 returns a Deferred and nothing blocks. :class:`ZygoteRuntime` implements it
 with the worker zygote (``python -m tvmrpc.server.worker``): one process with
-the runtime loaded that forks a worker per session, talking to the daemon
-over a UNIX socketpair (fd 3 in the zygote) that carries JSON lines and the
-session sockets (SCM_RIGHTS).
+the runtime loaded that forks a worker per session. Two socketpairs join
+them (messages in :mod:`.worker.control`): the zygote's events arrive as
+JSON lines on a stream (fd 3 in the zygote), read by the reactor; commands
+go out as ``SOCK_SEQPACKET`` records (fd 4), a session's socket attached to
+its own ``serve`` record (SCM_RIGHTS, one non-blocking ``sendmsg``).
 
 Invariants:
 - ``ready()`` fires once the zygote is warm (and again after a restart);
   ``str_type_index`` is then what the runtime writes for a raw string.
+- The zygote's life is an explicit :class:`~.zygote_phase.ZygotePhase`; an
+  event that cannot happen in the current phase raises (a malformed or
+  impossible message from the zygote is one warning line, not a crash).
 - The runtime never restarts its zygote by itself: it tells
   ``warm_observers`` when the zygote is warm and ``lost_observers`` (with one
   line naming cause and fix) when it could not start or died; whoever
@@ -17,33 +22,58 @@ Invariants:
 - :meth:`ZygoteRuntime.check` fires with ``None`` when a fresh worker passed
   the health check, else with one line saying why (also on timeout).
 - ``serve()`` fires with the worker's exit code once its session is over,
-  whatever ended it (client closed, crash, :meth:`abort`).
+  whatever ended it (client closed, crash, :meth:`abort`); it fails with
+  :class:`WorkerError` when the zygote cannot take or refuses the session.
 - :meth:`abort` kills the worker's whole process group.
-- After ``stop()`` no zygote or worker is left.
+- After ``stop()`` no zygote or worker is left, and nothing restarts one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from ..codec import RAW_STR_TYPE_INDEX_FFI
+from .worker.control import (
+    Check,
+    Checked,
+    Command,
+    ControlError,
+    Event,
+    Exited,
+    Failed,
+    Finished,
+    Ready,
+    Refused,
+    Serve,
+    SpareFailed,
+    Started,
+    encode_command,
+    parse_event,
+)
+from .worker.processes import kill_group
+from .zygote_phase import ZygotePhase, ZygotePhaseError
 
-log = Logger(namespace="tvmrpc.server.worker")
+log = Logger()
+
+#: The zygote's descriptor numbers for the events and commands channels.
+CONTROL_FD = 3
+COMMAND_FD = 4
 
 
 class WorkerError(Exception):
@@ -92,7 +122,8 @@ class WorkerConfig:
     memory_limit: int = 0
 
     def argv(self) -> list[str]:
-        argv = [self.python, "-m", "tvmrpc.server.worker", "--control-fd", "3"]
+        argv = [self.python, "-m", "tvmrpc.server.worker"]
+        argv += ["--control-fd", str(CONTROL_FD), "--command-fd", str(COMMAND_FD)]
         if self.memory_limit:
             argv += ["--memory-limit", str(self.memory_limit)]
         if self.runtime_library:
@@ -105,7 +136,7 @@ class WorkerConfig:
 
 
 class _Control(LineOnlyReceiver):
-    """The daemon's end of the control socketpair."""
+    """The daemon's end of the events channel (the zygote's lines; we never write here)."""
 
     delimiter = b"\n"
     MAX_LENGTH = 1 << 20
@@ -115,13 +146,11 @@ class _Control(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            message = json.loads(line)
-        except ValueError:
-            log.warn("bad control line from zygote: {line!r}", line=line[:200])
-            return
-        self.runtime._event(message)
+            self.runtime._event(parse_event(line))
+        except (ControlError, ZygotePhaseError) as exc:
+            log.warn("ignored a message from the worker zygote: {exc}", exc=exc)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.runtime._control_lost(self)
 
 
@@ -155,63 +184,83 @@ class _Session:
     aborted: bool = False
 
 
+@attrs.define
+class _Zygote:
+    """One running zygote: its process, its channels."""
+
+    process: _ZygoteProcess
+    transport: IProcessTransport
+    control: _Control
+    commands: socket.socket  # ours of the SOCK_SEQPACKET pair, non-blocking
+
+
 @implementer(IDeviceRuntime)
+@attrs.define(eq=False)
 class ZygoteRuntime:
-    """:class:`IDeviceRuntime` backed by a forking zygote with the runtime loaded."""
+    """:class:`IDeviceRuntime` backed by a forking zygote with the runtime loaded.
+
+    Its life is a :class:`~.zygote_phase.ZygotePhase` (``phase``); the
+    running zygote's process and channels are one :class:`_Zygote` or none.
+    """
 
     #: The zygote removes a session's directory when it reaps the worker.
-    removes_session_dirs = True
+    removes_session_dirs: ClassVar[bool] = True
 
-    check_timeout = 30.0
-
-    def __init__(self, reactor: Any, config: WorkerConfig) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.str_type_index = RAW_STR_TYPE_INDEX_FFI
-        self._process: _ZygoteProcess | None = None
-        self._transport: Any = None
-        self._control: _Control | None = None
-        self._ready = False
-        self._waiting: list[defer.Deferred[None]] = []
-        self._sessions: dict[int, _Session] = {}
-        self._next_id = 0
-        self._stopping = False
-        self._failure: str | None = None
-        self._checks: dict[int, defer.Deferred[str | None]] = {}
-        self.zygote_pid: int | None = None
-        #: Times the zygote died and was restarted (read by tvmrpc.status).
-        self.restarts = 0
-        self.warm_observers: list[Callable[[], None]] = []
-        self.lost_observers: list[Callable[[str], None]] = []
+    reactor: Any
+    config: WorkerConfig
+    check_timeout: float = 30.0
+    str_type_index: int = RAW_STR_TYPE_INDEX_FFI
+    zygote_pid: int | None = None
+    #: Times the zygote died and was restarted (read by tvmrpc.status).
+    restarts: int = 0
+    warm_observers: list[Callable[[], None]] = attrs.field(factory=list)
+    lost_observers: list[Callable[[str], None]] = attrs.field(factory=list)
+    phase: ZygotePhase = attrs.field(factory=ZygotePhase)
+    _zygote: _Zygote | None = attrs.field(default=None, init=False)
+    _waiting: list[defer.Deferred[None]] = attrs.field(factory=list, init=False)
+    _sessions: dict[int, _Session] = attrs.field(factory=dict, init=False)
+    _checks: dict[int, defer.Deferred[str | None]] = attrs.field(factory=dict, init=False)
+    _next_id: int = attrs.field(default=0, init=False)
+    _failure: str | None = attrs.field(default=None, init=False)
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn the zygote (again); ``ready()`` fires when it is warm."""
-        if self._stopping or self._process is not None:
-            return
+        if not self.phase.spawn():
+            return  # stopped: nothing restarts
         self._failure = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        events_ours, events_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        commands, commands_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        commands.setblocking(False)
         proc = _ZygoteProcess(self)
         env = self.config.env if self.config.env is not None else dict(os.environ)
         try:
-            self._transport = self.reactor.spawnProcess(
+            transport = self.reactor.spawnProcess(
                 proc,
                 self.config.python,
                 self.config.argv(),
                 env=env,
-                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()},
+                childFDs={
+                    0: "w",
+                    1: "r",
+                    2: "r",
+                    CONTROL_FD: events_theirs.fileno(),
+                    COMMAND_FD: commands_theirs.fileno(),
+                },
             )
         finally:
-            theirs.close()
-        self._process = proc
+            events_theirs.close()
+            commands_theirs.close()
         control = _Control(self)
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneProtocol(control))
-        ours.close()
-        self._control = control
+        self.reactor.adoptStreamConnection(
+            events_ours.fileno(), socket.AF_UNIX, _OneProtocol(control)
+        )
+        events_ours.close()
+        self._zygote = _Zygote(proc, transport, control, commands)
 
     def ready(self) -> defer.Deferred[None]:
-        if self._ready:
+        if self.phase.warm:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
@@ -219,27 +268,30 @@ class ZygoteRuntime:
 
     @property
     def is_ready(self) -> bool:
-        return self._ready
+        return self.phase.warm
 
     def serve(self, sock: socket.socket, session_dir: str) -> defer.Deferred[int]:
-        if not self._ready or self._control is None:
+        if not self.phase.warm or self._zygote is None:
             return defer.fail(WorkerError("no warm worker"))
         self._next_id += 1
         session = _Session(self._next_id, sock, defer.Deferred(), session_dir)
+        try:
+            self._command(Serve(session.id, session_dir, sock.fileno()))
+        except OSError as exc:
+            return defer.fail(WorkerError(f"cannot hand the session to the worker zygote: {exc}"))
         self._sessions[session.id] = session
-        transport = self._control.transport
-        transport.sendFileDescriptor(sock.fileno())
-        transport.write(
-            json.dumps({"cmd": "serve", "id": session.id, "dir": session_dir}).encode() + b"\n"
-        )
         return session.done
 
     def check(self) -> defer.Deferred[str | None]:
         """Run the health check in a fresh worker: ``None`` if it passed, else why not."""
-        if not self._ready or self._control is None:
+        if not self.phase.warm or self._zygote is None:
             return defer.succeed("health check: the worker zygote is not running")
         self._next_id += 1
         check_id = self._next_id
+        try:
+            self._command(Check(check_id))
+        except OSError as exc:
+            return defer.succeed(f"health check: cannot reach the worker zygote ({exc})")
         d: defer.Deferred[str | None] = defer.Deferred()
         self._checks[check_id] = d
         timer = self.reactor.callLater(
@@ -248,107 +300,127 @@ class ZygoteRuntime:
             check_id,
             f"health check: no answer within {self.check_timeout:g}s",
         )
-        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
-        self._control.transport.write(json.dumps({"cmd": "check", "id": check_id}).encode() + b"\n")
-        return d
+
+        def cancel_timer(result: str | None) -> str | None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addCallback(cancel_timer)
 
     def abandon(self, reason: str) -> None:
-        if self._transport is None or self._ready:
+        if self._zygote is None or not self.phase.abandon():
             return
         self._failure = reason
         with contextlib.suppress(Exception):  # already gone
-            self._transport.signalProcess("KILL")
-
-    def _check_done(self, check_id: int, error: str | None) -> None:
-        d = self._checks.pop(check_id, None)
-        if d is not None:
-            d.callback(error)
+            self._zygote.transport.signalProcess("KILL")
 
     def abort(self, session: defer.Deferred[int]) -> None:
         for entry in self._sessions.values():
             if entry.done is session:
                 entry.aborted = True
                 if entry.pid is not None:
-                    _kill_group(entry.pid)
+                    kill_group(entry.pid)
                 return
 
     def stop(self) -> defer.Deferred[None]:
-        self._stopping = True
         for entry in list(self._sessions.values()):
             if entry.pid is not None:
-                _kill_group(entry.pid)
-        if self._process is None:
+                kill_group(entry.pid)
+        if not self.phase.stop() or self._zygote is None:
             return defer.succeed(None)
-        ended = self._process.ended
-        if self._transport is not None:
-            with contextlib.suppress(Exception):  # already gone
-                self._transport.signalProcess("TERM")
-        return ended
+        with contextlib.suppress(Exception):  # already gone
+            self._zygote.transport.signalProcess("TERM")
+        return self._zygote.process.ended
+
+    # -- internals ---------------------------------------------------------------
+
+    def _command(self, command: Command) -> None:
+        """Send one command record, with its descriptors, in one ``sendmsg`` (never blocks)."""
+        assert self._zygote is not None
+        record, fds = encode_command(command)
+        socket.send_fds(self._zygote.commands, [record], fds)
+
+    def _check_done(self, check_id: int, error: str | None) -> None:
+        d = self._checks.pop(check_id, None)
+        if d is not None:
+            d.callback(error)
 
     # -- events from the zygote -------------------------------------------------
 
-    def _event(self, message: dict[str, Any]) -> None:
-        event = message.get("event")
-        if event == "ready":
-            self.zygote_pid = message.get("pid")
-            self.str_type_index = int(message.get("str_type_index", RAW_STR_TYPE_INDEX_FFI))
-            self._ready = True
-            log.info(
-                "worker zygote {pid} warm (raw string type index {index})",
-                pid=self.zygote_pid,
-                index=self.str_type_index,
-            )
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
-            for observer in list(self.warm_observers):
-                observer()
-        elif event == "started":
-            entry = self._sessions.get(message["id"])
+    def _event(self, event: Event) -> None:
+        """One parsed event line (see :mod:`.worker.control`)."""
+        if isinstance(event, Ready):
+            self._warm(event)
+        elif isinstance(event, Started):
+            entry = self._sessions.get(event.id)
             if entry is not None:
-                entry.pid = message["pid"]
-                log.info("worker {pid} serving session {id}", pid=entry.pid, id=entry.id)
+                entry.pid = event.pid
+                log.debug("worker {pid} serving session {id}", pid=entry.pid, id=entry.id)
                 if entry.aborted:
-                    _kill_group(entry.pid)
-        elif event in ("finished", "exited"):
-            entry = self._sessions.pop(message["id"], None)
+                    kill_group(entry.pid)
+        elif isinstance(event, (Finished, Exited)):
+            entry = self._sessions.pop(event.id, None)
             if entry is not None:
-                entry.done.callback(int(message.get("code", 0)))
-        elif event == "spare-failed":
+                entry.done.callback(event.code if isinstance(event, Exited) else 0)
+        elif isinstance(event, SpareFailed):
             log.error(
                 "worker {pid} failed before its session (exit {code}); see its output above",
-                pid=message.get("pid"),
-                code=message.get("code"),
+                pid=event.pid,
+                code=event.code,
             )
-        elif event == "checked":
-            error = (
-                None if message.get("ok") else str(message.get("error") or "health check failed")
-            )
-            self._check_done(int(message.get("id", -1)), error)
-        elif event == "failed":
-            self._failure = str(message.get("error"))
+        elif isinstance(event, Checked):
+            self._check_done(event.id, None if event.ok else event.error or "health check failed")
+        elif isinstance(event, Refused):
+            self._refused(event)
+        elif isinstance(event, Failed):
+            self._failure = event.error
+
+    def _warm(self, event: Ready) -> None:
+        if not self.phase.became_warm():
+            return  # stopping meanwhile
+        self.zygote_pid = event.pid
+        self.str_type_index = event.str_type_index
+        log.info(
+            "worker zygote {pid} warm (raw string type index {index})",
+            pid=self.zygote_pid,
+            index=self.str_type_index,
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        for observer in list(self.warm_observers):
+            observer()
+
+    def _refused(self, event: Refused) -> None:
+        log.warn("worker zygote refused a command: {error}", error=event.error)
+        if event.id is None:
+            return
+        entry = self._sessions.pop(event.id, None)
+        if entry is not None:
+            entry.done.errback(WorkerError(event.error))
+        self._check_done(event.id, f"health check: {event.error}")
 
     def _control_lost(self, control: _Control) -> None:
-        if control is self._control:
-            self._control = None
-            self._ready = False
+        if self._zygote is not None and control is self._zygote.control:
+            self.phase.control_lost()
 
     def _zygote_ended(self, proc: _ZygoteProcess, how: str) -> None:
-        if proc is not self._process:
+        if self._zygote is None or proc is not self._zygote.process:
             return
-        self._process = None
-        self._transport = None
-        self._ready = False
+        self._zygote.commands.close()
+        self._zygote = None
+        lost = self.phase.ended()
         for check_id in list(self._checks):
             self._check_done(check_id, f"health check: the worker zygote died ({how})")
         # Workers forked by the dead zygote can no longer be reaped by it: end them.
         for entry in list(self._sessions.values()):
             if entry.pid is not None:
-                _kill_group(entry.pid)
+                kill_group(entry.pid)
             shutil.rmtree(entry.session_dir, ignore_errors=True)  # nobody else will now
             del self._sessions[entry.id]
             entry.done.callback(-signal.SIGKILL)
-        if not self._stopping:
+        if lost:
             self.restarts += 1  # the supervisor restarts it with backoff
             log.info("worker zygote gone ({how}); the supervisor restarts it", how=how)
             reason = self._failure or f"worker zygote died ({how}); see its output above"
@@ -364,12 +436,3 @@ class _OneProtocol(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         return self.proto
-
-
-def _kill_group(pid: int) -> None:  # same as worker.kill_group; the daemon imports no worker
-    """SIGKILL a worker's process group (it called setsid), or the worker alone."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
