@@ -15,12 +15,15 @@ Invariants:
 
 from __future__ import annotations
 
+import enum
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+import attrs
 from twisted.internet import protocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, ISystemHandle, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,20 +39,40 @@ from ..codec import (
 from .board import Board
 from .handoff import detach
 
-log = Logger(namespace="tvmrpc.server.handshake")
+log = Logger()
 
 #: Decides whether a client's match key may start a session (and claims it).
 Matcher = Callable[[str], bool]
 
 
+class Phase(enum.Enum):
+    """Where one accepted connection is."""
+
+    HANDSHAKE = "handshake"  # reading the client's magic, length and key
+    WAITING = "waiting"  # key accepted: on the board, unanswered
+    HANDED = "handed"  # answered: its socket belongs to a worker now
+    CLOSED = "closed"  # refused, dropped or gone
+
+
+class HandshakeStateError(Exception):
+    """An event arrived in a phase where it cannot happen."""
+
+
 class ServerHandshake(protocol.Protocol):
-    """One accepted connection, from its first byte to its session's start."""
+    """One accepted connection, from its first byte to its session's start.
+
+    Its :class:`Phase` moves only through the event methods (bytes, key
+    accepted, :meth:`accept`, :meth:`reject`, connection lost); each checks
+    the phase it is called in and raises :class:`HandshakeStateError` for
+    one that cannot happen there.
+    """
 
     factory: HandshakeFactory
+    transport: ITCPTransport
 
     def __init__(self) -> None:
         self.decoder = HandshakeDecoder()
-        self.state = "handshake"  # -> "waiting" -> "handed" | "closed"
+        self.phase = Phase.HANDSHAKE
         self.timer: Any = None
         self.timeout: float | None = None
         self.label = "?"
@@ -64,18 +87,69 @@ class ServerHandshake(protocol.Protocol):
             self.factory.handshake_timeout, self._handshake_timed_out
         )
 
+    # -- events ----------------------------------------------------------------
+
     def dataReceived(self, data: bytes) -> None:
         sockopts.quickack(self.transport)
-        if self.state == "waiting":
+        if self.phase is Phase.HANDSHAKE:
+            self._handshake_bytes(data)
+        elif self.phase is Phase.WAITING:
             log.warn("{peer} sent data before its handshake was answered; closing", peer=self.label)
             self._close()
+        # CLOSED: bytes already in flight when we closed; HANDED: Twisted reads no more.
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._cancel_timer()
+        if self.phase is Phase.WAITING:
+            self.phase = Phase.CLOSED
+            self.factory.board.withdraw(self)
+        elif self.phase is Phase.HANDSHAKE:
+            self.phase = Phase.CLOSED
+        # HANDED: the end :meth:`accept` reports itself; CLOSED: already over.
+
+    def accept(self) -> socket.socket | None:
+        """Ticket: answer success with ``server:<key>`` in one write, detach the socket.
+
+        None when the client has gone meanwhile.
+        """
+        if self.phase is Phase.CLOSED:
+            return None
+        self._expect("accept", Phase.WAITING)
+        reply = encode_reply(RPC_CODE_SUCCESS, f"server:{self.factory.key}")
+        try:
+            handle = cast(ISystemHandle, self.transport).getHandle()
+            if not isinstance(handle, socket.socket):
+                raise OSError("no socket behind the transport")
+            sent = handle.send(reply)
+        except OSError as exc:
+            log.debug("client {peer} gone before its session: {exc}", peer=self.label, exc=exc)
+            self._close()
+            return None
+        if sent != len(reply):  # cannot happen with an empty send buffer; be safe
+            self._close()
+            return None
+        self.phase = Phase.HANDED
+        sock = detach(self.factory.reactor, self.transport)
+        # Twisted no longer reports this connection's end (it lives on in the worker),
+        # so end it for this daemon: per-connection bookkeeping such as the per-peer
+        # cap (tvmrpc/listening.py) lets go now. In the HANDED phase this does nothing else.
+        self.connectionLost(Failure(ConnectionDone("handed to a worker")))
+        return sock
+
+    def reject(self) -> None:
+        """Ticket: drop the client without a session (the server is stopping)."""
+        if self.phase is Phase.CLOSED:
             return
-        if self.state != "handshake":
-            return
+        self._expect("reject", Phase.WAITING)
+        self._close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _handshake_bytes(self, data: bytes) -> None:
         try:
             result = self.decoder.feed(data)
         except CodecError as exc:
-            log.info("bad handshake from {peer}: {exc}", peer=self.label, exc=exc)
+            log.debug("bad handshake from {peer}: {exc}", peer=self.label, exc=exc)
             self._close()
             return
         if result is None:
@@ -90,68 +164,37 @@ class ServerHandshake(protocol.Protocol):
             peer_key = parse_key(key)
             self.timeout = peer_key.timeout
         except CodecError as exc:
-            log.info("bad key from {peer}: {exc}", peer=self.label, exc=exc)
+            log.debug("bad key from {peer}: {exc}", peer=self.label, exc=exc)
             self._refuse()
             return
         if peer_key.role != "client" or not self.factory.matcher(peer_key.matchkey):
-            log.info("mismatch key {key!r} from {peer}", key=key[:200], peer=self.label)
+            log.debug("mismatch key {key!r} from {peer}", key=key[:200], peer=self.label)
             self._refuse()
             return
-        self.state = "waiting"
+        self.phase = Phase.WAITING
         self.factory.board.offer(self)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._cancel_timer()
-        if self.state == "waiting":
-            self.state = "closed"
-            self.factory.board.withdraw(self)
-        elif self.state != "handed":
-            self.state = "closed"
-
-    # -- Ticket ----------------------------------------------------------------
-
-    def accept(self) -> socket.socket | None:
-        """Answer success with ``server:<key>`` in one write and detach the socket."""
-        if self.state != "waiting":
-            return None
-        reply = encode_reply(RPC_CODE_SUCCESS, f"server:{self.factory.key}")
-        try:
-            sent = self.transport.getHandle().send(reply)
-        except OSError as exc:
-            log.info("client {peer} gone before its session: {exc}", peer=self.label, exc=exc)
-            self._close()
-            return None
-        if sent != len(reply):  # cannot happen with an empty send buffer; be safe
-            self._close()
-            return None
-        self.state = "handed"
-        sock = detach(self.factory.reactor, self.transport)
-        # Twisted no longer reports this connection's end (it lives on in the worker),
-        # so end it for this daemon: per-connection bookkeeping such as the per-peer
-        # cap (tvmrpc/listening.py) lets go now. In the "handed" state this does nothing else.
-        self.connectionLost(Failure(ConnectionDone("handed to a worker")))
-        return sock
-
-    def reject(self) -> None:
-        self._close()
-
-    # -- internals -------------------------------------------------------------
+    def _expect(self, event: str, *allowed: Phase) -> None:
+        if self.phase not in allowed:
+            raise HandshakeStateError(
+                f"{event!r} cannot happen while {self.phase.value} ({self.label})"
+            )
 
     def _refuse(self) -> None:
-        self.state = "closed"
+        self.phase = Phase.CLOSED
         self.transport.write(encode_reply(RPC_CODE_MISMATCH))
         self.transport.loseConnection()
 
     def _close(self) -> None:
         self._cancel_timer()
-        if self.state == "waiting":
+        if self.phase is Phase.WAITING:
             self.factory.board.withdraw(self)
-        self.state = "closed"
+        self.phase = Phase.CLOSED
         self.transport.abortConnection()
 
     def _handshake_timed_out(self) -> None:
         self.timer = None
-        log.info("handshake from {peer} timed out", peer=self.label)
+        log.debug("handshake from {peer} timed out", peer=self.label)
         self._close()
 
     def _cancel_timer(self) -> None:
@@ -160,24 +203,20 @@ class ServerHandshake(protocol.Protocol):
         self.timer = None
 
 
-class HandshakeFactory(protocol.ServerFactory):
+@attrs.define(eq=False, slots=False)
+class HandshakeFactory(protocol.ServerFactory[ServerHandshake]):
     """Builds :class:`ServerHandshake` for the listening port."""
 
-    protocol = ServerHandshake
+    reactor: Any
+    board: Board
+    key: str
+    matcher: Matcher
+    handshake_timeout: float
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE
+
     noisy = False
 
-    def __init__(
-        self,
-        reactor: Any,
-        board: Board,
-        key: str,
-        matcher: Matcher,
-        handshake_timeout: float,
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-    ) -> None:
-        self.reactor = reactor
-        self.keepalive = keepalive
-        self.board = board
-        self.key = key
-        self.matcher = matcher
-        self.handshake_timeout = handshake_timeout
+    def buildProtocol(self, addr: IAddress | None) -> ServerHandshake:
+        proto = ServerHandshake()
+        proto.factory = self
+        return proto

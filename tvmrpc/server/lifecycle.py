@@ -67,6 +67,11 @@ class Lifecycle:
         return self.state in (State.ADVERTISED, State.BUSY)
 
     @property
+    def withdrawn(self) -> bool:
+        """True while the board is out of service after having been ready once."""
+        return self.state is State.WITHDRAWN
+
+    @property
     def ready(self) -> bool:
         """True while the board is advertised and idle (a new client may start at once).
 

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -45,7 +48,7 @@ from .session_dirs import remove_stale
 from .supervisor import Supervisor
 from .through_proxy import ProxyConnector
 
-log = Logger(namespace="tvmrpc.server")
+log = Logger()
 
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
@@ -74,7 +77,7 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
             "taking the server down.",
         ],
     ]
-    optParameters = [
+    optParameters: list[Any] = [
         [
             "key",
             None,
@@ -120,10 +123,10 @@ class Options(ListenOptions, StatusOptions, BoardSecretOptions):
 
     def opt_init(self, module: str) -> None:
         """Module imported in each worker before its session (repeatable)."""
-        self.setdefault("init-modules", []).append(module)  # type: ignore[attr-defined]
+        self.setdefault("init-modules", []).append(module)
 
     def postOptions(self) -> None:
-        self.setdefault("init-modules", [])  # type: ignore[attr-defined]
+        self.setdefault("init-modules", [])
         check_board_flags(self)
         if self["proxy"]:
             self["through-proxy"] = True
@@ -210,9 +213,10 @@ class ServerService(service.MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def makeService(options: Options) -> service.IService:
-    """Build the server from parsed options."""
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> ServerService:
+    """Build the server from parsed options, on ``reactor`` (default: the global one)."""
+    if reactor is None:
+        from twisted.internet import reactor
 
     notify = NotifyService.from_environment(reactor)  # first: workers must not inherit it
     config = WorkerConfig(
@@ -322,7 +326,16 @@ def makeService(options: Options) -> service.IService:
     )
     listener.setServiceParent(top)
     if registrar is not None:
-        listener.bound.addCallback(lambda port: port_d.callback(port.getHost().port))
+
+        def tell_port(port: IListeningPort) -> None:
+            address = port.getHost()
+            if isinstance(address, (IPv4Address, IPv6Address)):
+                port_d.callback(address.port)
+            else:
+                problem = f"--tracker needs a TCP listening address, not {address}"
+                port_d.errback(ValueError(problem))
+
+        listener.bound.addCallback(tell_port)
         registrar.setServiceParent(top)
         registered = "registered with tracker {}:{} as server:{}".format(*options["tracker"], key)
         registrar.link_observers.append(

@@ -21,53 +21,58 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import attrs
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from .adapter import IDeviceRuntime
 from .lifecycle import InvalidTransitionError, Lifecycle, State
 
-log = Logger(namespace="tvmrpc.server")
+log = Logger()
+
+T = TypeVar("T")
 
 
+@attrs.define(eq=False, slots=False)
 class Supervisor(service.Service):
-    """Starts the zygote, runs health checks, restarts it with backoff."""
+    """Starts the zygote, runs health checks, restarts it with backoff.
+
+    It listens to the runtime and the life cycle only while it runs
+    (subscribed in ``startService``, unsubscribed in ``stopService``).
+    """
+
+    reactor: Any
+    runtime: IDeviceRuntime
+    lifecycle: Lifecycle
+    on_failed: Callable[[str], None]
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    warm_timeout: float = 60.0
+    retry_policy: Callable[[int], float] = attrs.field(init=False)
+    attempts: int = attrs.field(default=0, init=False)
+    #: Health checks run since start and whether the last one passed (for reports).
+    health: dict[str, Any] = attrs.field(init=False, factory=lambda: {"checks": 0, "ok": None})
+    _warm_timer: IDelayedCall | None = attrs.field(default=None, init=False)
+    _timer: IDelayedCall | None = attrs.field(default=None, init=False)
+    _check_started: float = attrs.field(default=0.0, init=False)
+    _next_delay: float | None = attrs.field(default=None, init=False)  # logged, used by _later
+    _withdrawn_for: str | None = attrs.field(default=None, init=False)  # last cause at warn
 
     name = "tvm-server supervisor"
 
-    def __init__(
-        self,
-        reactor: Any,
-        runtime: IDeviceRuntime,
-        lifecycle: Lifecycle,
-        on_failed: Callable[[str], None],
-        initial_delay: float = 1.0,
-        max_delay: float = 60.0,
-        warm_timeout: float = 60.0,
-    ) -> None:
-        self.reactor = reactor
-        self.runtime = runtime
-        self.lifecycle = lifecycle
-        self.on_failed = on_failed
-        self.retry_policy = backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay)
-        self.attempts = 0
-        self.warm_timeout = warm_timeout
-        self._warm_timer: Any = None
-        self._timer: Any = None
-        self._check_started = 0.0
-        self._next_delay: float | None = None  # announced in the log, used by _later
-        self._withdrawn_for: str | None = None  # the cause last logged at warn
-        #: Health checks run since start and whether the last one passed (for reports).
-        self.health: dict[str, Any] = {"checks": 0, "ok": None}
-        runtime.warm_observers.append(self._warm)
-        runtime.lost_observers.append(self._lost)
-        lifecycle.observers.append(self._state_changed)
+    @retry_policy.default
+    def _policy(self) -> Callable[[int], float]:
+        return backoffPolicy(initialDelay=self.initial_delay, maxDelay=self.max_delay)
 
     def startService(self) -> None:
         service.Service.startService(self)
+        self.runtime.warm_observers.append(self._warm)
+        self.runtime.lost_observers.append(self._lost)
+        self.lifecycle.observers.append(self._state_changed)
         # A SIGTERM to the whole process group reaches the zygote too; once the
         # reactor is shutting down its death is part of stopping, not a failure.
         self.reactor.addSystemEventTrigger("before", "shutdown", self.lifecycle.stop)
@@ -78,6 +83,9 @@ class Supervisor(service.Service):
         for timer in (self._timer, self._warm_timer):
             if timer is not None and timer.active():
                 timer.cancel()
+        _unsubscribe(self.runtime.warm_observers, self._warm)
+        _unsubscribe(self.runtime.lost_observers, self._lost)
+        _unsubscribe(self.lifecycle.observers, self._state_changed)
         self.lifecycle.stop()
 
     def _start(self) -> None:
@@ -110,7 +118,7 @@ class Supervisor(service.Service):
     def _lost(self, reason: str) -> None:
         self._cancel_warm_timer()
         self.lifecycle.zygote_lost(reason)
-        if self.running and self.lifecycle.state is State.WITHDRAWN:
+        if self.running and self.lifecycle.withdrawn:
             self._later(self._start)
 
     # -- reactions to changes of state ---------------------------------------------
@@ -148,11 +156,11 @@ class Supervisor(service.Service):
             self.lifecycle.check_passed()
             return
         self.lifecycle.check_failed(error)
-        if self.running and self.lifecycle.state is State.WITHDRAWN:
+        if self.running and self.lifecycle.withdrawn:
             self._later(self._recheck)
 
     def _recheck(self) -> None:
-        if self.lifecycle.state is State.WITHDRAWN and self.runtime.is_ready:
+        if self.lifecycle.withdrawn and self.runtime.is_ready:
             self.lifecycle.warm()  # still warm: check it again
 
     def _later(self, action: Callable[[], None]) -> None:
@@ -162,3 +170,9 @@ class Supervisor(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self.reactor.callLater(delay, action)
+
+
+def _unsubscribe(observers: list[T], observer: T) -> None:
+    """Remove ``observer`` if it is subscribed (stopping a service that never started)."""
+    if observer in observers:
+        observers.remove(observer)
