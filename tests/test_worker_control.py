@@ -14,34 +14,17 @@ from hypothesis import strategies as st
 
 from tests.support import subprocess_env
 from tvmrpc.server.worker import control
-from tvmrpc.server.worker.control import (
-    Check,
-    Checked,
-    ControlError,
-    Exited,
-    Failed,
-    Finished,
-    Ready,
-    Refused,
-    Serve,
-    SpareFailed,
-    Started,
-    encode_command,
-    encode_event,
-    parse_command,
-    parse_event,
-)
 
 # -- commands ----------------------------------------------------------------------
 
 
 def test_serve_round_trips_with_its_socket_in_the_same_record():
-    record, fds = encode_command(Serve(7, "/tmp/sess-x", 42))
+    record, fds = control.encode_command(control.Serve(7, "/tmp/sess-x", 42))
     assert fds == [42]
-    assert parse_command(record, fds) == Serve(7, "/tmp/sess-x", 42)
-    record, fds = encode_command(Check(8))
+    assert control.parse_command(record, fds) == control.Serve(7, "/tmp/sess-x", 42)
+    record, fds = control.encode_command(control.Check(8))
     assert fds == []
-    assert parse_command(record, fds) == Check(8)
+    assert control.parse_command(record, fds) == control.Check(8)
 
 
 @pytest.mark.parametrize(
@@ -60,8 +43,8 @@ def test_serve_round_trips_with_its_socket_in_the_same_record():
     ],
 )
 def test_a_bad_command_is_one_line_naming_it_and_gives_its_sockets_back(record, fds, problem):
-    with pytest.raises(ControlError) as caught:
-        parse_command(record, fds)
+    with pytest.raises(control.ControlError) as caught:
+        control.parse_command(record, fds)
     text = str(caught.value)
     assert text.startswith(problem)
     assert "\n" not in text
@@ -69,49 +52,49 @@ def test_a_bad_command_is_one_line_naming_it_and_gives_its_sockets_back(record, 
 
 
 def test_a_refused_serve_keeps_its_id_so_its_session_can_end():
-    with pytest.raises(ControlError) as caught:
-        parse_command(b'{"cmd": "serve", "id": 12, "dir": "/d"}', [])
+    with pytest.raises(control.ControlError) as caught:
+        control.parse_command(b'{"cmd": "serve", "id": 12, "dir": "/d"}', [])
     assert caught.value.id == 12
 
 
 def test_a_truncated_record_is_refused():
-    record, fds = encode_command(Serve(1, "/d", 5))
-    with pytest.raises(ControlError, match="truncated"):
-        parse_command(record, fds, truncated=True)
+    record, fds = control.encode_command(control.Serve(1, "/d", 5))
+    with pytest.raises(control.ControlError, match="truncated"):
+        control.parse_command(record, fds, truncated=True)
 
 
 @given(st.binary(max_size=300), st.lists(st.integers(0, 1000), max_size=3))
 def test_any_record_is_a_command_or_a_control_error(record, fds):
     try:
-        command = parse_command(record, fds)
-    except ControlError as exc:
+        command = control.parse_command(record, fds)
+    except control.ControlError as exc:
         problem = str(exc)
         assert "\n" not in problem
     else:
-        assert isinstance(command, (Serve, Check))
+        assert isinstance(command, (control.Serve, control.Check))
 
 
 # -- events ------------------------------------------------------------------------
 
 EVENTS = [
-    Ready(10, 8),
-    Failed("cannot find libtvm_runtime.so: install apache-tvm"),
-    Started(1, 11),
-    Finished(1, 11),
-    Exited(1, 11, -9),
-    Refused(None, "unknown command 'x'"),
-    Refused(3, "serve needs one socket, got 0"),
-    SpareFailed(12, 4),
-    Checked(2, False, "health check failed: ..."),
+    control.Ready(10, 8),
+    control.Failed("cannot find libtvm_runtime.so: install apache-tvm"),
+    control.Started(1, 11),
+    control.Finished(1, 11),
+    control.Exited(1, 11, -9),
+    control.Refused(None, "unknown command 'x'"),
+    control.Refused(3, "serve needs one socket, got 0"),
+    control.SpareFailed(12, 4),
+    control.Checked(2, False, "health check failed: ..."),
 ]
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
 def test_events_round_trip_as_one_line(event):
-    line = encode_event(event)
+    line = control.encode_event(event)
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1
-    assert parse_event(line[:-1]) == event
+    assert control.parse_event(line[:-1]) == event
 
 
 @pytest.mark.parametrize(
@@ -125,15 +108,15 @@ def test_events_round_trip_as_one_line(event):
     ],
 )
 def test_a_bad_event_is_one_line_naming_it(line, problem):
-    with pytest.raises(ControlError, match="^" + problem):
-        parse_event(line)
+    with pytest.raises(control.ControlError, match="^" + problem):
+        control.parse_event(line)
 
 
 @given(st.binary(max_size=300))
 def test_any_line_is_an_event_or_a_control_error(line):
     try:
-        event = parse_event(line)
-    except ControlError as exc:
+        event = control.parse_event(line)
+    except control.ControlError as exc:
         problem = str(exc)
         assert "\n" not in problem
     else:
@@ -156,7 +139,7 @@ def _read_event(events: socket.socket, buffer: bytearray, timeout: float = 60.0)
         buffer += chunk
     line, _, rest = bytes(buffer).partition(b"\n")
     buffer[:] = rest
-    return parse_event(line)
+    return control.parse_event(line)
 
 
 def test_zygote_refuses_bad_commands_closes_their_sockets_and_carries_on():
@@ -179,14 +162,14 @@ def test_zygote_refuses_bad_commands_closes_their_sockets_and_carries_on():
     buffer = bytearray()
     try:
         ready = _read_event(events, buffer)
-        assert isinstance(ready, Ready)
+        assert isinstance(ready, control.Ready)
 
         # A serve record whose JSON is broken, carrying a socket: refused, socket closed.
         ours, carried = socket.socketpair()
         socket.send_fds(commands, [b'{"cmd": "serve", "id": 5, "dir":'], [carried.fileno()])
         carried.close()
         refused = _read_event(events, buffer)
-        assert isinstance(refused, Refused)
+        assert isinstance(refused, control.Refused)
         assert refused.error.startswith("not JSON")
         ours.settimeout(10)
         assert ours.recv(1) == b""  # the zygote closed its copy: nobody holds the client
@@ -195,19 +178,19 @@ def test_zygote_refuses_bad_commands_closes_their_sockets_and_carries_on():
         # A serve without its socket: refused with its id (the daemon ends that session).
         commands.send(json.dumps({"cmd": "serve", "id": 6, "dir": "/nonexistent"}).encode())
         refused = _read_event(events, buffer)
-        assert refused == Refused(6, refused.error)
+        assert refused == control.Refused(6, refused.error)
         assert refused.error.startswith("serve needs one socket, got 0")
 
         commands.send(b'{"cmd": "selfdestruct", "id": 7}')
         refused = _read_event(events, buffer)
-        assert isinstance(refused, Refused)
+        assert isinstance(refused, control.Refused)
         assert "unknown command 'selfdestruct'" in refused.error
 
         # Still serving: a health check passes.
-        record, fds = encode_command(Check(8))
+        record, fds = control.encode_command(control.Check(8))
         socket.send_fds(commands, [record], fds)
         checked = _read_event(events, buffer)
-        assert checked == Checked(8, True, "")
+        assert checked == control.Checked(8, True, "")
     finally:
         commands.close()  # the daemon goes away: the zygote exits
         code = proc.wait(timeout=30)

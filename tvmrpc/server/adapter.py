@@ -49,23 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from ..codec import RAW_STR_TYPE_INDEX_FFI
-from .worker.control import (
-    Check,
-    Checked,
-    Command,
-    ControlError,
-    Event,
-    Exited,
-    Failed,
-    Finished,
-    Ready,
-    Refused,
-    Serve,
-    SpareFailed,
-    Started,
-    encode_command,
-    parse_event,
-)
+from .worker import control
 from .worker.processes import kill_group
 from .zygote_phase import ZygotePhase, ZygotePhaseError
 
@@ -146,8 +130,8 @@ class _Control(LineOnlyReceiver):
 
     def lineReceived(self, line: bytes) -> None:
         try:
-            self.runtime._event(parse_event(line))
-        except (ControlError, ZygotePhaseError) as exc:
+            self.runtime._event(control.parse_event(line))
+        except (control.ControlError, ZygotePhaseError) as exc:
             log.warn("ignored a message from the worker zygote: {exc}", exc=exc)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -276,7 +260,7 @@ class ZygoteRuntime:
         self._next_id += 1
         session = _Session(self._next_id, sock, defer.Deferred(), session_dir)
         try:
-            self._command(Serve(session.id, session_dir, sock.fileno()))
+            self._command(control.Serve(session.id, session_dir, sock.fileno()))
         except OSError as exc:
             return defer.fail(WorkerError(f"cannot hand the session to the worker zygote: {exc}"))
         self._sessions[session.id] = session
@@ -289,7 +273,7 @@ class ZygoteRuntime:
         self._next_id += 1
         check_id = self._next_id
         try:
-            self._command(Check(check_id))
+            self._command(control.Check(check_id))
         except OSError as exc:
             return defer.succeed(f"health check: cannot reach the worker zygote ({exc})")
         d: defer.Deferred[str | None] = defer.Deferred()
@@ -335,10 +319,10 @@ class ZygoteRuntime:
 
     # -- internals ---------------------------------------------------------------
 
-    def _command(self, command: Command) -> None:
+    def _command(self, command: control.Command) -> None:
         """Send one command record, with its descriptors, in one ``sendmsg`` (never blocks)."""
         assert self._zygote is not None
-        record, fds = encode_command(command)
+        record, fds = control.encode_command(command)
         socket.send_fds(self._zygote.commands, [record], fds)
 
     def _check_done(self, check_id: int, error: str | None) -> None:
@@ -348,35 +332,35 @@ class ZygoteRuntime:
 
     # -- events from the zygote -------------------------------------------------
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: control.Event) -> None:
         """One parsed event line (see :mod:`.worker.control`)."""
-        if isinstance(event, Ready):
+        if isinstance(event, control.Ready):
             self._warm(event)
-        elif isinstance(event, Started):
+        elif isinstance(event, control.Started):
             entry = self._sessions.get(event.id)
             if entry is not None:
                 entry.pid = event.pid
                 log.debug("worker {pid} serving session {id}", pid=entry.pid, id=entry.id)
                 if entry.aborted:
                     kill_group(entry.pid)
-        elif isinstance(event, (Finished, Exited)):
+        elif isinstance(event, (control.Finished, control.Exited)):
             entry = self._sessions.pop(event.id, None)
             if entry is not None:
-                entry.done.callback(event.code if isinstance(event, Exited) else 0)
-        elif isinstance(event, SpareFailed):
+                entry.done.callback(event.code if isinstance(event, control.Exited) else 0)
+        elif isinstance(event, control.SpareFailed):
             log.error(
                 "worker {pid} failed before its session (exit {code}); see its output above",
                 pid=event.pid,
                 code=event.code,
             )
-        elif isinstance(event, Checked):
+        elif isinstance(event, control.Checked):
             self._check_done(event.id, None if event.ok else event.error or "health check failed")
-        elif isinstance(event, Refused):
+        elif isinstance(event, control.Refused):
             self._refused(event)
-        elif isinstance(event, Failed):
+        elif isinstance(event, control.Failed):
             self._failure = event.error
 
-    def _warm(self, event: Ready) -> None:
+    def _warm(self, event: control.Ready) -> None:
         if not self.phase.became_warm():
             return  # stopping meanwhile
         self.zygote_pid = event.pid
@@ -392,7 +376,7 @@ class ZygoteRuntime:
         for observer in list(self.warm_observers):
             observer()
 
-    def _refused(self, event: Refused) -> None:
+    def _refused(self, event: control.Refused) -> None:
         log.warn("worker zygote refused a command: {error}", error=event.error)
         if event.id is None:
             return

@@ -94,7 +94,7 @@ class ServerHandshake(protocol.Protocol):
         if self.phase is Phase.HANDSHAKE:
             self._handshake_bytes(data)
         elif self.phase is Phase.WAITING:
-            log.debug("{peer} sent data before its handshake was answered; closing", peer=self.label)
+            log.debug("{peer} sent data before its answer; closing", peer=self.label)
             self._close()
         # CLOSED: bytes already in flight when we closed; HANDED: Twisted reads no more.
 

@@ -38,24 +38,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from .control import (
-    MAX_FDS,
-    MAX_RECORD,
-    Check,
-    Checked,
-    ControlError,
-    Event,
-    Exited,
-    Failed,
-    Finished,
-    Ready,
-    Refused,
-    Serve,
-    SpareFailed,
-    Started,
-    encode_event,
-    parse_command,
-)
+from . import control
 from .health import MAX_VERDICT, run_check, verdict
 from .processes import fork_worker, kill_group
 from .runtime import NotReadyError, WorkerOptions, load_runtime_or_explain, probe_str_type_index
@@ -94,9 +77,9 @@ class Zygote:
         self.spare: Spare | None = None
         self.spare_due: float | None = None  # the first spare follows a passed health check
 
-    def send(self, event: Event) -> None:
+    def send(self, event: control.Event) -> None:
         try:
-            self.events.sendall(encode_event(event))
+            self.events.sendall(control.encode_event(event))
         except OSError:
             self.shutdown(0)  # the daemon is gone: nobody to serve
 
@@ -106,7 +89,7 @@ class Zygote:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown(0))
-        self.send(Ready(os.getpid(), probe_str_type_index(self.tvm_ffi)))
+        self.send(control.Ready(os.getpid(), probe_str_type_index(self.tvm_ffi)))
         while True:
             timeout = None
             if self.spare is None and self.spare_due is not None:
@@ -129,27 +112,27 @@ class Zygote:
 
     def receive(self) -> bool:
         """Obey one command record (False: the daemon closed the channel)."""
-        data, fds, flags, _addr = socket.recv_fds(self.commands, MAX_RECORD, MAX_FDS)
+        data, fds, flags, _ = socket.recv_fds(self.commands, control.MAX_RECORD, control.MAX_FDS)
         if not data and not fds:
             return False
         truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
         try:
-            command = parse_command(data, fds, truncated)
-        except ControlError as exc:
+            command = control.parse_command(data, fds, truncated)
+        except control.ControlError as exc:
             self.refuse(exc)
             return True
-        if isinstance(command, Serve):
+        if isinstance(command, control.Serve):
             self.serve(command.id, command.dir, command.fd)
-        elif isinstance(command, Check):
+        elif isinstance(command, control.Check):
             self.check(command.id)
         return True
 
-    def refuse(self, exc: ControlError) -> None:
+    def refuse(self, exc: control.ControlError) -> None:
         for fd in exc.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         print(f"zygote: refused a control message: {exc}", file=sys.stderr, flush=True)
-        self.send(Refused(exc.id, str(exc)))
+        self.send(control.Refused(exc.id, str(exc)))
 
     def serve(self, session_id: int, root: str, fd: int) -> None:
         if self.spare is None:
@@ -166,7 +149,7 @@ class Zygote:
         self.children[spare.pid] = session_id
         self.session_dirs[spare.pid] = root
         self.done_pipes[spare.done] = (session_id, spare.pid)
-        self.send(Started(session_id, spare.pid))
+        self.send(control.Started(session_id, spare.pid))
         # The next spare is forked once this session ends, not while it runs: a
         # fork and a worker's start-up compete with the session for the CPU.
         self.spare_due = None
@@ -227,7 +210,7 @@ class Zygote:
         os.close(fd)
         self.spare_after_session()
         if data:
-            self.send(Finished(session_id, pid))
+            self.send(control.Finished(session_id, pid))
 
     def reap(self) -> None:
         while True:
@@ -247,7 +230,7 @@ class Zygote:
                 os.close(self.spare.done)
                 self.spare = None
                 self.spare_due = time.monotonic() + self.respawn_delay
-                self.send(SpareFailed(pid, code))
+                self.send(control.SpareFailed(pid, code))
                 continue
             session_dir = self.session_dirs.pop(pid, None)
             if session_dir is not None:  # here, not in the daemon's reactor thread
@@ -255,7 +238,7 @@ class Zygote:
             session_id = self.children.pop(pid, None)
             if session_id is not None:
                 self.spare_after_session()
-                self.send(Exited(session_id, pid, code))
+                self.send(control.Exited(session_id, pid, code))
 
     def checked(self, pid: int, code: int) -> None:
         check_id, verdict_r = self.checks.pop(pid)
@@ -266,7 +249,7 @@ class Zygote:
         os.close(verdict_r)
         if code == 0 and self.spare is None and self.spare_due is None:
             self.spare_due = time.monotonic()
-        self.send(Checked(check_id, code == 0, verdict(code, written)))
+        self.send(control.Checked(check_id, code == 0, verdict(code, written)))
 
     def shutdown(self, code: int) -> NoReturn:
         pids = [*self.children, *self.checks] + ([self.spare.pid] if self.spare else [])
@@ -293,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         tvm_ffi = load_runtime_or_explain(args.runtime_library)
     except NotReadyError as exc:  # tell the daemon why in one line, then exit
         with contextlib.suppress(OSError):
-            events.sendall(encode_event(Failed(str(exc))))
+            events.sendall(control.encode_event(control.Failed(str(exc))))
         return 2
     options = WorkerOptions(tuple(args.load_library), tuple(args.init), args.memory_limit)
     Zygote(events, socket.socket(fileno=args.command_fd), tvm_ffi, options).run()
