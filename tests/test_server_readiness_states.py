@@ -141,18 +141,20 @@ def test_runtime_ready_twice_raises_and_over_the_wire_is_one_warning():
     assert control.transport.connected
 
 
-def test_runtime_sends_the_socket_in_its_serve_record_and_a_refusal_fails_the_session():
+def test_runtime_sends_the_socket_in_its_serve_record_and_a_refusal_fails_the_session(tmp_path):
     reactor, runtime = _runtime()
     runtime.start()
     control = reactor.controls[0]
     control.dataReceived(encode_event(Ready(100, 8)))
+    session_dir = tmp_path / "sess-a"
+    session_dir.mkdir()
     client, served = socket.socketpair()
     with client, served:
-        d = runtime.serve(served, "/tmp/sess-a")
+        d = runtime.serve(served, str(session_dir))
         record, fds, _flags, _ = socket.recv_fds(reactor.commands[0], 65536, MAX_FDS)
         command = parse_command(record, fds)
         assert isinstance(command, Serve)
-        assert command.dir == "/tmp/sess-a"
+        assert command.dir == str(session_dir)
         handed = socket.socket(fileno=command.fd)  # the very socket, paired with its record
         handed.sendall(b"x")
         assert client.recv(1) == b"x"
@@ -161,6 +163,7 @@ def test_runtime_sends_the_socket_in_its_serve_record_and_a_refusal_fails_the_se
         d.addErrback(failures.append)
         control.dataReceived(encode_event(Refused(command.id, "serve needs one socket, got 0")))
         assert failures[0].check(WorkerError)
+        assert not session_dir.exists()  # no worker will reap it: the runtime removed it
         d2 = runtime.serve(served, "/tmp/sess-b")
         record, fds, _flags, _ = socket.recv_fds(reactor.commands[0], 65536, MAX_FDS)
         second = parse_command(record, fds)

@@ -262,6 +262,7 @@ class ZygoteRuntime:
         try:
             self._command(control.Serve(session.id, session_dir, sock.fileno()))
         except OSError as exc:
+            shutil.rmtree(session_dir, ignore_errors=True)  # the zygote never saw it
             return defer.fail(WorkerError(f"cannot hand the session to the worker zygote: {exc}"))
         self._sessions[session.id] = session
         return session.done
@@ -382,6 +383,7 @@ class ZygoteRuntime:
             return
         entry = self._sessions.pop(event.id, None)
         if entry is not None:
+            shutil.rmtree(entry.session_dir, ignore_errors=True)  # no worker will reap it
             entry.done.errback(WorkerError(event.error))
         self._check_done(event.id, f"health check: {event.error}")
 
