@@ -201,3 +201,42 @@ def test_zygote_refuses_bad_commands_closes_their_sockets_and_carries_on():
     lines = [line for line in output.splitlines() if line.startswith("zygote: refused")]
     assert len(lines) == 3  # one line each, no traceback
     assert "Traceback" not in output
+
+
+# -- the zygote -> spare hand-off ---------------------------------------------------
+
+
+def test_spare_receives_directory_and_socket_in_one_record():
+    from tvmrpc.server.worker.session import hand_over, receive_session
+
+    zygote, spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, session = socket.socketpair()
+    with zygote, spare, client, session:
+        hand_over(zygote, "/tmp/sess-1", session.fileno())
+        handed = receive_session(spare)
+        assert handed is not None
+        root, fd = handed
+        assert root == "/tmp/sess-1"
+        with socket.socket(fileno=fd) as sock:
+            sock.sendall(b"y")
+            assert client.recv(1) == b"y"
+        zygote.close()
+        assert receive_session(spare) is None  # the zygote went away before a session
+
+
+@pytest.mark.parametrize(
+    ("record", "with_fd"),
+    [(b'{"dir": "/tmp/s"}', False), (b'{"dir": 5}', True), (b"{", True), (b"[]", True)],
+)
+def test_spare_refuses_an_unusable_hand_off_and_closes_its_socket(record, with_fd):
+    from tvmrpc.server.worker.session import receive_session
+
+    zygote, spare = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, session = socket.socketpair()
+    with zygote, spare, client:
+        socket.send_fds(zygote, [record], [session.fileno()] if with_fd else [])
+        session.close()
+        with pytest.raises(ValueError, match="unusable hand-off record"):
+            receive_session(spare)
+        client.settimeout(10)
+        assert client.recv(1) == b""  # no copy of the client's socket is left open
