@@ -233,6 +233,11 @@ class ZygoteRuntime:
                     COMMAND_FD: commands_theirs.fileno(),
                 },
             )
+        except BaseException:
+            events_ours.close()
+            commands.close()
+            self.phase.ended()  # no zygote after all: start() may be called again
+            raise
         finally:
             events_theirs.close()
             commands_theirs.close()
