@@ -240,3 +240,23 @@ def test_spare_refuses_an_unusable_hand_off_and_closes_its_socket(record, with_f
             receive_session(spare)
         client.settimeout(10)
         assert client.recv(1) == b""  # no copy of the client's socket is left open
+
+
+@pytest.mark.parametrize("kind", ["stream", "missing"])
+def test_zygote_without_its_command_channel_says_so_in_one_line(kind):
+    """A daemon from another tvmrpc version (no SOCK_SEQPACKET command channel)."""
+    events, events_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    wrong, wrong_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = wrong_theirs.fileno() if kind == "stream" else 1000
+    passed = (events_theirs.fileno(), wrong_theirs.fileno())
+    argv = [sys.executable, "-m", "tvmrpc.server.worker"]
+    argv += ["--control-fd", str(events_theirs.fileno()), "--command-fd", str(fd)]
+    with events, wrong, events_theirs, wrong_theirs:
+        proc = subprocess.run(argv, env=subprocess_env(), pass_fds=passed, capture_output=True)
+        events_theirs.close()
+        failed = _read_event(events, bytearray())
+    assert proc.returncode == 2
+    assert isinstance(failed, control.Failed)
+    assert failed.error.startswith(f"no command channel at fd {fd} (")
+    assert failed.error.endswith("run both from one install")
+    assert b"Traceback" not in proc.stderr

@@ -273,10 +273,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     events = socket.socket(fileno=args.control_fd)
     try:
+        commands = _command_channel(args.command_fd)
         tvm_ffi = load_runtime_or_explain(args.runtime_library)
     except NotReadyError as exc:  # tell the daemon why in one line, then exit
         with contextlib.suppress(OSError):
             events.sendall(control.encode_event(control.Failed(str(exc))))
         return 2
     options = WorkerOptions(tuple(args.load_library), tuple(args.init), args.memory_limit)
-    Zygote(events, socket.socket(fileno=args.command_fd), tvm_ffi, options).run()
+    Zygote(events, commands, tvm_ffi, options).run()
+
+
+def _command_channel(fd: int) -> socket.socket:
+    """The daemon's ``SOCK_SEQPACKET`` command socket at ``fd`` (one line if it is not there)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        sock = None
+        problem = f"({exc.strerror})"
+    else:
+        problem = "(not a SOCK_SEQPACKET socket)"
+    if sock is None or sock.type != socket.SOCK_SEQPACKET:
+        raise NotReadyError(
+            f"no command channel at fd {fd} {problem}: the daemon and this worker come "
+            "from different tvmrpc versions; run both from one install"
+        )
+    return sock
