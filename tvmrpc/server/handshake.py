@@ -11,6 +11,10 @@ Invariants:
   set, sent only when its session starts.
 - Every accepted connection gets TCP keepalive (``--dead-peer-timeout``),
   which its session socket keeps: a client that vanishes frees the board.
+- A connection's :class:`Phase` (handshake → waiting → handed, or closed)
+  changes only in its event methods; an event impossible in the current
+  phase (``accept`` before the key was offered, ``reject`` after the hand-off)
+  raises :class:`HandshakeStateError`.
 """
 
 from __future__ import annotations

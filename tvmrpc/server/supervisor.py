@@ -15,7 +15,8 @@ Invariants:
   is advertised again.
 - A zygote that is not warm within ``warm_timeout`` seconds is killed and
   counts as lost (failed at start-up, withdrawn later).
-- After ``stopService`` nothing is restarted or checked.
+- After ``stopService`` nothing is restarted or checked: it observes the
+  runtime and the life cycle only while it runs.
 """
 
 from __future__ import annotations
