@@ -37,6 +37,7 @@ from ..boardflags import BoardSecretOptions, check_board_flags
 from ..exiting import stop_with_exit_code
 from ..listening import ListenOptions, listening_service, parse_hostport  # noqa: F401 - re-exported
 from ..outgoing import parse_target
+from ..pythonpath import with_package_on_path
 from ..status.options import StatusOptions
 from ..systemd.notify import NotifyService, listening_status
 from .adapter import WorkerConfig, ZygoteRuntime
@@ -351,11 +352,5 @@ def makeService(options: Options, reactor: Any = None) -> ServerService:
 
 
 def _worker_env() -> dict[str, str]:
-    """The worker's environment: ours, with this checkout importable."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent.parent)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        paths.append(root)
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
+    """The worker's environment: ours, with this package importable (after what the caller set)."""
+    return with_package_on_path(os.environ, first=False)
