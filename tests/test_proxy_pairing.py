@@ -225,10 +225,23 @@ def test_bad_and_stalled_handshakes_close_only_themselves(clock):
     assert factory.switchboard.table.waiting(SERVER) == {"other": waiter.proto}
 
 
+class Watcher:
+    """An IServerWatcher that records the servers that start waiting."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def server_waiting(self, device_key: str, matchkey: str) -> None:
+        self.seen.append((device_key, matchkey))
+
+    def server_gone(self, matchkey: str) -> None:
+        pass
+
+
 def test_tracker_mode_rekeys_servers_and_refuses_unknown_clients(clock):
     factory = make_factory(clock, tracker_mode=True)
     seen = []
-    factory.switchboard.on_server_waiting = lambda key, matchkey: seen.append((key, matchkey))
+    factory.switchboard.subscribe(Watcher(seen))
     server = Wire(factory)
     server.send(encode_handshake("server:dev"))
     ((key, matchkey),) = seen

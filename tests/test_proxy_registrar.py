@@ -53,6 +53,7 @@ def setup(custom_addr=None):
         clock, board, ("t", 1), defer.Deferred(), custom_addr=custom_addr, grace=5
     )
     registrar.port = 9090
+    registrar.startService()  # it watches the switchboard while it runs
     return clock, board, registrar
 
 
@@ -200,6 +201,7 @@ def test_bounded_device_keys_keep_update_info_small():
     board = Switchboard(clock, tracker_mode=True, device_keys=DeviceKeys(limit=8))
     registrar = Registrar(clock, board, ("t", 1), defer.Deferred())
     registrar.port = 9090
+    registrar.startService()
     link = FakeLink()
     registrar._ready(link)
     for i in range(300):  # case 2: 300 junk servers with long keys

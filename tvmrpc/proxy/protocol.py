@@ -1,86 +1,95 @@
-"""TCP legs: the proxy port's protocol and factory."""
+"""TCP legs: the proxy port's protocol and factory.
+
+Invariants:
+- A :class:`ProxyProtocol` is the :class:`~tvmrpc.proxy.leg.ILegTransport`
+  of exactly one :class:`~tvmrpc.proxy.leg.Leg` and passes it every
+  connection event, once: made, each read, lost.
+- Only public Twisted interfaces are used: writes, ``loseConnection``,
+  ``abortConnection``, the transport as producer/consumer, and
+  :mod:`tvmrpc.proxy.handover` for the socket a splice relay takes over.
+- A leg is spliceable only when the factory was given a splice reactor.
+"""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorFDSet, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import sockopts
 from . import handover
-from .leg import LegMixin
+from .leg import ILegTransport, Leg, address_text
 from .switchboard import Switchboard
 
-#: Read size and write-buffer high-water mark while forwarding in userspace. Twisted's
-#: default, 64 KiB, measured cheaper here than 1 MiB (0.7 vs 1.2 s CPU per GiB): large
-#: reads and the joins before each send touch fresh pages every time.
-FORWARD_BUFFER = 1 << 16
 #: Reads shorter than this are acknowledged at once (TCP_QUICKACK): small reads are
 #: where a stock peer's second write waits for our ACK; bulk reads are ACKed anyway.
 QUICKACK_BELOW = 1 << 14
-#: Largest single send while forwarding (Twisted's default, 128 KiB, forces buffer joins).
-SEND_LIMIT = 1 << 22
 
 
-class ProxyProtocol(LegMixin, Protocol):
-    """One TCP connection on the proxy port: handshake, wait, forward."""
+@implementer(ILegTransport)
+class ProxyProtocol(Protocol):
+    """One TCP connection on the proxy port: its events go to its :class:`Leg`."""
+
+    transport: ITCPTransport  # once connected: the TCP transport the port made
+    peer_name = "?"
+    #: The remote IP address, for --allow-board-from.
+    peer_host: str | None = None
 
     def __init__(
-        self, switchboard: Switchboard, handshake_timeout: float, splice_reactor: Any = None
+        self,
+        switchboard: Switchboard,
+        handshake_timeout: float,
+        splice_reactor: IReactorFDSet | None = None,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
-        self._leg_init(switchboard, handshake_timeout)
-        #: The reactor that drives splice relays, or None to forward in userspace.
-        self.splice_reactor = splice_reactor
+        self.keepalive = keepalive
+        self.leg = Leg(switchboard, self, handshake_timeout, splice_reactor)
+
+    @property
+    def forwarding(self) -> str:
+        """``splice`` or ``userspace`` (see :attr:`Leg.forwarding`)."""
+        return self.leg.forwarding
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer_name = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.peer_host = getattr(peer, "host", None)
+        self.peer_name = address_text(self.transport)
+        self.peer_host = getattr(self.transport.getPeer(), "host", None)
         sockopts.set_nodelay(self.transport)
-        self._leg_started()
+        self.leg.connected()
 
     def dataReceived(self, data: bytes) -> None:
         if len(data) < QUICKACK_BELOW:
             # Small reads are where a stock peer's second write waits for our ACK;
             # bulk reads are ACKed promptly anyway and the syscall costs ~15 % of a relay.
             sockopts.quickack(self.transport)
-        self._leg_data(data)
+        self.leg.received(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._leg_lost()
+        self.leg.lost()
 
-    # -- LegMixin hooks ---------------------------------------------------------
+    # -- ILegTransport ----------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.transport.loseConnection()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.transport.abortConnection()
 
-    def _producer(self) -> Any:
+    def producer(self) -> Any:
         return self.transport
 
-    def _on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport, self.factory.keepalive)
+    def on_waiting(self) -> None:
+        sockopts.set_keepalive(self.transport, self.keepalive)
 
-    def _on_forwarding(self) -> None:
-        transport = self.transport
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = FORWARD_BUFFER
-            transport.SEND_LIMIT = SEND_LIMIT
-
-    def _splice_socket(self) -> Any:
-        if self.splice_reactor is None:
-            return None
+    def splice_socket(self) -> socket.socket | None:
         return handover.spliceable_socket(self.transport)
-
-    def _splice_reactor(self) -> Any:
-        return self.splice_reactor
 
 
 class ProxyFactory(Factory):
@@ -90,16 +99,18 @@ class ProxyFactory(Factory):
         self,
         switchboard: Switchboard,
         handshake_timeout: float = 5.0,
-        splice_reactor: Any = None,
+        splice_reactor: IReactorFDSet | None = None,
         keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
     ) -> None:
         self.keepalive = keepalive
         self.switchboard = switchboard
         self.handshake_timeout = handshake_timeout
-        #: Splice paired TCP legs with this reactor (IReactorFDSet); None: userspace only.
+        #: Splice paired TCP legs with this reactor; None: userspace only.
         self.splice_reactor = splice_reactor
 
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
-        proto = ProxyProtocol(self.switchboard, self.handshake_timeout, self.splice_reactor)
+        proto = ProxyProtocol(
+            self.switchboard, self.handshake_timeout, self.splice_reactor, self.keepalive
+        )
         proto.factory = self
         return proto

@@ -26,79 +26,79 @@ Invariants:
   before anything is sent, and for each key before its PUT.
 - Nothing blocks: all tracker calls are Deferreds on one connection that
   ``ClientService`` re-establishes with backoff.
+- The registrar hears of servers only while it runs (it subscribes to the
+  switchboard in ``startService`` and unsubscribes in ``stopService``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.application import service
-from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import sockopts
-from ..client import TrackerClientProtocol, TrackerError, tracker_link_service
+from ..client import TrackerClientProtocol, TrackerError, TrackerLink, tracker_link_service
 from ..codec import encode_frame, split_matchkey
-from .switchboard import Switchboard
+from .leg import address_text
+from .switchboard import IServerWatcher, Switchboard
 
-log = Logger(namespace="tvmrpc.proxy.tracker")
+log = Logger()
 
 
+@implementer(IServerWatcher)
+@attrs.define(slots=False, eq=False)
 class Registrar(service.Service):
-    """Registers the proxy's waiting servers at a tracker (``--tracker``)."""
+    """Registers the proxy's waiting servers at a tracker (``--tracker``).
+
+    It watches ``switchboard`` while it runs: subscribed in
+    :meth:`startService`, unsubscribed in :meth:`stopService`.
+    """
 
     name = "tvm-proxy tracker registrar"
 
-    def __init__(
-        self,
-        reactor: Any,
-        switchboard: Switchboard,
-        tracker: tuple[str, int],
-        bound: defer.Deferred[IListeningPort],
-        custom_addr: str | None = None,
-        period: float = 2.0,
-        grace: float = 5.0,
-        board_secret: bytes | None = None,
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-    ) -> None:
-        self.keepalive = keepalive
-        #: With a secret, the link proves it as ``proxy`` and for each PUT key.
-        self.board_secret = board_secret
-        self.reactor = reactor
-        self.switchboard = switchboard
-        self.tracker = tracker
-        self.bound = bound
-        self.custom_addr = custom_addr
-        self.period = period
-        self.grace = grace
-        self.port: int | None = None
-        #: The device keys the current tracker connection was last told about.
-        self.advertised: frozenset[str] = frozenset()
-        #: True once the tracker refused our key list: advertise ``server:proxy`` only.
-        self.compact = False
-        self.link: TrackerClientProtocol | None = None
-        self._client: ClientService | None = None
-        self._loop: LoopingCall | None = None
-        switchboard.on_server_waiting = self._server_waiting
-        switchboard.on_server_gone = self._server_gone
-        self.withdraw_delay = 0.2
-        self._reset_call: Any = None
-        self._reset_link_obj: TrackerClientProtocol | None = None
-        self._loss_seen_on: TrackerClientProtocol | None = None
+    reactor: Any
+    switchboard: Switchboard
+    tracker: Any  # (host, port) or a client endpoint description (tvmrpc.outgoing)
+    #: Fires with the proxy's listening port: its number is what we PUT.
+    bound: defer.Deferred[IListeningPort]
+    custom_addr: str | None = None
+    period: float = 2.0
+    grace: float = 5.0
+    #: With a secret, the link proves it as ``proxy`` and for each PUT key.
+    board_secret: bytes | None = None
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE
+    #: Seconds between a waiting server's departure and the link reset that withdraws it.
+    withdraw_delay: float = attrs.field(default=0.2, init=False)
+    port: int | None = attrs.field(default=None, init=False)
+    #: The device keys the current tracker connection was last told about.
+    advertised: frozenset[str] = attrs.field(default=frozenset(), init=False)
+    #: True once the tracker refused our key list: advertise ``server:proxy`` only.
+    compact: bool = attrs.field(default=False, init=False)
+    link: TrackerClientProtocol | None = attrs.field(default=None, init=False)
+    _client: TrackerLink | None = attrs.field(default=None, init=False)
+    _loop: LoopingCall | None = attrs.field(default=None, init=False)
+    _reset_call: IDelayedCall | None = attrs.field(default=None, init=False)
+    _reset_link_obj: TrackerClientProtocol | None = attrs.field(default=None, init=False)
+    _loss_seen_on: TrackerClientProtocol | None = attrs.field(default=None, init=False)
 
     # -- service --------------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
+        self.switchboard.subscribe(self)
+        log.info("registering waiting servers at tracker {tracker}", tracker=self.tracker)
         self.bound.addCallback(self._start)
 
     def _start(self, port: IListeningPort) -> IListeningPort:
-        self.port = port.getHost().port
+        self.port = port.getHost().port  # type: ignore[attr-defined]  # IAddress: TCP ports have one
         if not self.running:
             return port
         self._client = tracker_link_service(
@@ -119,21 +119,22 @@ class Registrar(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         service.Service.stopService(self)
+        self.switchboard.unsubscribe(self)
         if self._reset_call is not None and self._reset_call.active():
             self._reset_call.cancel()
         self._reset_call = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._client is not None:
-            return self._client.stopService()
+            d: defer.Deferred[None] = self._client.stopService()
+            return d
         return None
 
     # -- connection -------------------------------------------------------------
 
     def _ready(self, link: TrackerClientProtocol) -> TrackerClientProtocol:
         self.link = link
-        peer = link.transport.getPeer()
-        log.info("connected to tracker {host}:{port}", host=peer.host, port=peer.port)
+        log.info("connected to tracker {tracker}", tracker=address_text(link.transport))
         table = self.switchboard.table
         new_keys = table.rekey_all()
         self._update_info(link)
@@ -148,7 +149,8 @@ class Registrar(service.Service):
 
     # -- registration -----------------------------------------------------------
 
-    def _server_waiting(self, device_key: str, matchkey: str) -> None:
+    def server_waiting(self, device_key: str, matchkey: str) -> None:
+        """IServerWatcher: PUT the new server (and tell a new device key first)."""
         link = self.link
         if link is None:
             return  # registered with everything else once connected
@@ -156,10 +158,11 @@ class Registrar(service.Service):
             self._update_info(link)
         self._put(link, matchkey)
 
-    def _server_gone(self, matchkey: str) -> None:
+    def server_gone(self, matchkey: str) -> None:
+        """IServerWatcher: reset the link so that the tracker forgets the departed server."""
         if self.link is None or self._reset_call is not None:
             return  # re-registered from scratch on the next connection anyway
-        log.info("server {matchkey} left; re-registering to withdraw it", matchkey=matchkey)
+        log.debug("server {matchkey} left; re-registering to withdraw it", matchkey=matchkey)
         self._reset_call = self.reactor.callLater(self.withdraw_delay, self._reset_link)
 
     def _reset_link(self) -> None:
@@ -233,7 +236,7 @@ class Registrar(service.Service):
         if self.board_secret is not None:  # queued before the PUT (see the client)
             link.authenticate(self.board_secret, key).addErrback(self._call_failed, "board proof")
         d = link.put(key, self.port, matchkey, self.custom_addr)
-        d.addCallback(lambda _: log.info("put {matchkey} at the tracker", matchkey=matchkey))
+        d.addCallback(lambda _: log.debug("put {matchkey} at the tracker", matchkey=matchkey))
         d.addErrback(self._put_failed, link)
 
     def _put_failed(self, failure: Failure, link: TrackerClientProtocol) -> None:
@@ -246,7 +249,7 @@ class Registrar(service.Service):
 
     # -- periodic check -----------------------------------------------------------
 
-    def _check(self) -> defer.Deferred[None] | None:
+    def _check(self) -> defer.Deferred[Any] | None:
         link = self.link
         if link is None:
             return None
@@ -266,7 +269,7 @@ class Registrar(service.Service):
         table = self.switchboard.table
         stale = table.stale_server_keys(pending, self.reactor.seconds(), self.grace)
         if stale:
-            log.info("keys handed out but unused, regenerating: {keys}", keys=stale)
+            log.debug("keys handed out but unused, regenerating: {keys}", keys=stale)
         for old in stale:
             if link is self.link:
                 self._put(link, table.rekey(old))

@@ -1,8 +1,18 @@
-"""``twistd tvm-proxy``: options and the service tree."""
+"""``twistd tvm-proxy``: options and the service tree.
+
+Invariants:
+- :func:`makeService` builds the whole tree around the reactor it is given
+  and imports the global reactor only when given none (``twistd`` plugins).
+- Splice is used only where the platform has splice(2), the reactor is an
+  ``IReactorFDSet`` and ``--no-splice`` is not given.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application import service
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -29,7 +39,7 @@ from .protocol import ProxyFactory
 from .splice import splice_supported
 from .switchboard import Switchboard
 
-log = Logger(namespace="tvmrpc.proxy")
+log = Logger()
 
 DEFAULT_PORT = 9090
 DEFAULT_PORT_END = 9199
@@ -53,7 +63,7 @@ class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
             "instead of splice(2) through kernel pipes.",
         ],
     ]
-    optParameters = [
+    optParameters: Any = [  # the bases infer different list types; twistd reads lists
         ["web-port", None, None, "HTTP/WebSocket port (path /ws); off if unset.", int],
         ["web-listen", None, None, "Twisted endpoint string for the WebSocket server."],
         [
@@ -145,10 +155,16 @@ def _check_websocket_extra() -> None:
         ) from None
 
 
-def makeService(options: Options) -> service.IService:
-    """Build the proxy service from parsed options."""
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """Build the proxy service from parsed options, driven by ``reactor`` (default: the global one).
 
+    The reactor must provide ``IReactorTime``, ``IReactorTCP`` and, for splice,
+    ``IReactorFDSet``.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     if options["example-rpc"]:  # stock's type=bool: any non-empty value is true
         log.warn(
             "--example-rpc is accepted for stock compatibility and ignored: "
@@ -167,7 +183,11 @@ def makeService(options: Options) -> service.IService:
     switchboard.board_secret = options["board-secret"]
     switchboard.allow_board_from = tuple(options["allow-board-from"])
     switchboard.board_auth = options["board-auth"]
-    splice_reactor = None if options["no-splice"] or not splice_supported() else reactor
+    splice_reactor = (
+        reactor
+        if not options["no-splice"] and splice_supported() and IReactorFDSet.providedBy(reactor)
+        else None
+    )
     from ..status.proxy import ProxyStatus, status_service
 
     status = ProxyStatus(reactor, switchboard)

@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-log = Logger(namespace="tvmrpc.proxy")
+log = Logger()
 
 #: Pipe sizes asked for per direction, in order (1 MiB is the unprivileged
 #: maximum by default; larger pipes measured slower here). If neither is

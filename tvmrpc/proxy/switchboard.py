@@ -21,11 +21,13 @@ Invariants:
   released when its last server closes, so the advertised set shrinks.
 - Bytes a leg sends before it is paired are bounded by :attr:`early`
   (per leg and in total); they are released when it is paired or closes.
+- In tracker mode every subscribed :class:`IServerWatcher` is told when a
+  server starts waiting and when a waiting server goes away, in that order
+  for any one server; a watcher hears nothing after it unsubscribed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,7 +40,7 @@ from ..status.hooks import NULL_PROXY
 from .limits import Admission, DeviceKeys, EarlyBudget
 from .pairing import SERVER, Duplicate, NoMatch, Paired, PairingTable, Waiting
 
-log = Logger(namespace="tvmrpc.proxy")
+log = Logger()
 
 
 class ILeg(Interface):
@@ -56,6 +58,16 @@ class ILeg(Interface):
 
     def refuse(code: int) -> None:  # noqa: N805
         """Answer ``code`` (duplicate or no-match) and close."""
+
+
+class IServerWatcher(Interface):
+    """Told about servers waiting at the proxy (tracker mode): the registrar."""
+
+    def server_waiting(device_key: str, matchkey: str) -> None:  # noqa: N805
+        """A server with ``device_key`` started waiting under ``matchkey``."""
+
+    def server_gone(matchkey: str) -> None:  # noqa: N805
+        """The server waiting under ``matchkey`` went away before it was paired."""
 
 
 class Switchboard:
@@ -76,12 +88,10 @@ class Switchboard:
         self.verbose = verbose
         self.timeouts = {"client": timeout_client, "server": timeout_server}
         self.tracker_mode = tracker_mode
-        self.table: PairingTable[object] = PairingTable()
-        self._timers: dict[object, IDelayedCall] = {}
-        #: Called with (device key, match key) when a server starts waiting (tracker mode).
-        self.on_server_waiting: Callable[[str, str], None] | None = None
-        #: Called with the match key of a waiting server that went away (tracker mode).
-        self.on_server_gone: Callable[[str], None] | None = None
+        self.table: PairingTable[Any] = PairingTable()
+        self._timers: dict[Any, IDelayedCall] = {}
+        #: Told of servers that wait and go (tracker mode); see :meth:`subscribe`.
+        self._watchers: list[IServerWatcher] = []
         self.pairings = 0
         #: Told of pairings, their end and wait timeouts (tvmrpc.status).
         self.observer: Any = NULL_PROXY
@@ -97,6 +107,21 @@ class Switchboard:
         self.board_auth: bool | None = None
         #: Refused registrations are logged at most once a minute (a stock board retries).
         self.board_refusals = RateLimit(60.0)
+
+    def subscribe(self, watcher: IServerWatcher) -> None:
+        """Tell ``watcher`` of servers that start waiting or go away, from now on."""
+        if watcher not in self._watchers:
+            self._watchers.append(watcher)
+
+    def unsubscribe(self, watcher: IServerWatcher) -> None:
+        """Stop telling ``watcher`` (idempotent)."""
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
+    def _verbose(self, fmt: str, **fields: Any) -> None:
+        """A per-connection line (debug), only with ``--verbose``: it costs about a pairing."""
+        if self.verbose:
+            log.debug(fmt, **fields)
 
     def arrive(self, leg: ILeg, key: PeerKey, matchkey: str) -> None:
         """A leg finished its handshake as ``key.role`` with proxy match key ``matchkey``."""
@@ -138,39 +163,29 @@ class Switchboard:
             peer = outcome.peer
             self._cancel_timer(peer)
             self.pairings += 1
-            if self.verbose:
-                log.info(
-                    "paired {a} with {b} on {matchkey}",
-                    a=leg.peer_name,
-                    b=peer.peer_name,
-                    matchkey=matchkey,
-                )
+            a, b = leg.peer_name, peer.peer_name
+            self._verbose("paired {a} with {b} on {matchkey}", a=a, b=b, matchkey=matchkey)
             self.observer.paired(leg, peer)
             leg.pair(peer)
             peer.pair(leg)
             leg.start()
             peer.start()
-            if self.verbose:
-                log.info(
-                    "forwarding {a} and {b} by {path}",
-                    a=leg.peer_name,
-                    b=peer.peer_name,
-                    path=leg.forwarding,
-                )
+            if self.verbose:  # ``forwarding`` is asked only when it is logged
+                self._verbose("forwarding {a} and {b} by {path}", a=a, b=b, path=leg.forwarding)
         elif isinstance(outcome, Waiting):
-            if self.verbose:
-                log.info(
-                    "{leg} waits as {role} {matchkey}",
-                    leg=leg.peer_name,
-                    role=key.role,
-                    matchkey=matchkey,
-                )
+            self._verbose(
+                "{leg} waits as {role} {matchkey}",
+                leg=leg.peer_name,
+                role=key.role,
+                matchkey=matchkey,
+            )
             if outcome.deadline is not None:
                 self._timers[leg] = self.clock.callLater(outcome.deadline - now, self._expire)
-            if self.tracker_mode and key.role == SERVER and self.on_server_waiting:
-                self.on_server_waiting(device_key, matchkey)
+            if self.tracker_mode and key.role == SERVER:
+                for watcher in list(self._watchers):
+                    watcher.server_waiting(device_key, matchkey)
         elif isinstance(outcome, Duplicate):
-            log.info(
+            log.debug(
                 "duplicate {role} key {matchkey} from {leg}",
                 role=key.role,
                 matchkey=matchkey,
@@ -178,14 +193,14 @@ class Switchboard:
             )
             leg.refuse(RPC_CODE_DUPLICATE)
         elif isinstance(outcome, NoMatch):
-            log.info(
+            log.debug(
                 "no server waits for client key {matchkey} from {leg}",
                 matchkey=matchkey,
                 leg=leg.peer_name,
             )
             leg.refuse(RPC_CODE_MISMATCH)
 
-    def leave(self, leg: object) -> None:
+    def leave(self, leg: ILeg) -> None:
         """A leg closed; if it was waiting, forget it (and tell the registrar of a server)."""
         self._cancel_timer(leg)
         server_key = self.table.matchkey_of(leg)
@@ -194,17 +209,18 @@ class Switchboard:
         self.table.withdraw(leg)
         self.early.release(leg)
         self.device_keys.release(leg)
-        if server_key is not None and self.tracker_mode and self.on_server_gone:
-            self.on_server_gone(server_key)
+        if server_key is not None and self.tracker_mode:
+            for watcher in list(self._watchers):
+                watcher.server_gone(server_key)
 
     def _expire(self) -> None:
         for leg in self.table.expire(self.clock.seconds()):
             self._timers.pop(leg, None)
             self.observer.timed_out(leg)
-            log.info("{leg} waited too long for a peer", leg=leg.peer_name)  # type: ignore[attr-defined]
-            leg.refuse(RPC_CODE_MISMATCH)  # type: ignore[attr-defined]
+            log.debug("{leg} waited too long for a peer", leg=leg.peer_name)
+            leg.refuse(RPC_CODE_MISMATCH)
 
-    def _cancel_timer(self, leg: object) -> None:
+    def _cancel_timer(self, leg: ILeg) -> None:
         timer = self._timers.pop(leg, None)
         if timer is not None and timer.active():
             timer.cancel()

@@ -4,6 +4,11 @@ Servers in a browser, wasm or Node connect here; binary messages carry the
 same byte stream as a TCP leg (the handshake may be split over messages, and
 each forwarded chunk becomes one message). Imported only when a web port is
 configured, so autobahn is needed only then.
+
+Invariants:
+- A :class:`WebSocketLeg` is the :class:`~tvmrpc.proxy.leg.ILegTransport`
+  of exactly one :class:`~tvmrpc.proxy.leg.Leg`; it is never spliced.
+- Static pages are read once, at start, and served from memory.
 """
 
 from __future__ import annotations
@@ -16,53 +21,68 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from .. import sockopts
-from .leg import LegMixin
+from .leg import ILegTransport, Leg, address_text
 from .switchboard import Switchboard
 
 
-class WebSocketLeg(LegMixin, WebSocketServerProtocol):
-    """One WebSocket connection at ``/ws``: handshake, wait, forward."""
+@implementer(ILegTransport)
+class WebSocketLeg(WebSocketServerProtocol):
+    """One WebSocket connection at ``/ws``: its events go to its :class:`Leg`."""
 
-    def __init__(self, switchboard: Switchboard, handshake_timeout: float) -> None:
+    peer_name = "?"
+    #: No address check for WebSocket legs: a server here always proves a board secret.
+    peer_host = None
+
+    def __init__(
+        self,
+        switchboard: Switchboard,
+        handshake_timeout: float,
+        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
+    ) -> None:
         WebSocketServerProtocol.__init__(self)
-        self._leg_init(switchboard, handshake_timeout)
+        self.keepalive = keepalive
+        self.leg = Leg(switchboard, self, handshake_timeout)
 
     def onOpen(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer_name = f"ws {getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self.peer_name = f"ws {address_text(self.transport)}"
         sockopts.set_nodelay(self.transport)
-        self._leg_started()
+        self.leg.connected()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         sockopts.quickack(self.transport)
-        self._leg_data(payload)
+        self.leg.received(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self._closed:
-            self._leg_lost()
+        # autobahn also calls this for a connection whose opening handshake failed
+        if not self.leg.closed:
+            self.leg.lost()
 
-    # -- LegMixin hooks ---------------------------------------------------------
+    # -- ILegTransport ----------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self.sendMessage(data, isBinary=True)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.sendClose()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.dropConnection(abort=True)
 
-    def _producer(self) -> Any:
+    def producer(self) -> Any:
         return self.transport
 
-    def _on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport, self.factory.keepalive)
+    def on_waiting(self) -> None:
+        sockopts.set_keepalive(self.transport, self.keepalive)
+
+    def splice_socket(self) -> None:
+        return None  # its bytes on the wire are frames, not the stream
 
 
 class _LegFactory(WebSocketServerFactory):
-    protocol = WebSocketLeg
+    """Builds :class:`WebSocketLeg` legs sharing one switchboard."""
 
     def __init__(
         self,
@@ -76,7 +96,7 @@ class _LegFactory(WebSocketServerFactory):
         self.handshake_timeout = handshake_timeout
 
     def buildProtocol(self, addr: Any) -> WebSocketLeg:
-        proto = WebSocketLeg(self.switchboard, self.handshake_timeout)
+        proto = WebSocketLeg(self.switchboard, self.handshake_timeout, self.keepalive)
         proto.factory = self
         return proto
 
