@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import attrs
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorFDSet, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -40,15 +41,9 @@ class ProxyProtocol(Protocol):
     #: The remote IP address, for --allow-board-from.
     peer_host: str | None = None
 
-    def __init__(
-        self,
-        switchboard: Switchboard,
-        handshake_timeout: float,
-        splice_reactor: IReactorFDSet | None = None,
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-    ) -> None:
-        self.keepalive = keepalive
-        self.leg = Leg(switchboard, self, handshake_timeout, splice_reactor)
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self.leg = Leg(factory.switchboard, self, factory.handshake_timeout, factory.splice_reactor)
 
     @property
     def forwarding(self) -> str:
@@ -86,31 +81,21 @@ class ProxyProtocol(Protocol):
         return self.transport
 
     def on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport, self.keepalive)
+        sockopts.set_keepalive(self.transport, self.factory.keepalive)
 
     def splice_socket(self) -> socket.socket | None:
         return handover.spliceable_socket(self.transport)
 
 
+@attrs.define(slots=False, eq=False)
 class ProxyFactory(Factory):
     """Builds :class:`ProxyProtocol` legs sharing one switchboard."""
 
-    def __init__(
-        self,
-        switchboard: Switchboard,
-        handshake_timeout: float = 5.0,
-        splice_reactor: IReactorFDSet | None = None,
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-    ) -> None:
-        self.keepalive = keepalive
-        self.switchboard = switchboard
-        self.handshake_timeout = handshake_timeout
-        #: Splice paired TCP legs with this reactor; None: userspace only.
-        self.splice_reactor = splice_reactor
+    switchboard: Switchboard
+    handshake_timeout: float = 5.0
+    #: Splice paired TCP legs with this reactor; None: userspace only.
+    splice_reactor: IReactorFDSet | None = None
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE
 
     def buildProtocol(self, addr: Any) -> ProxyProtocol:
-        proto = ProxyProtocol(
-            self.switchboard, self.handshake_timeout, self.splice_reactor, self.keepalive
-        )
-        proto.factory = self
-        return proto
+        return ProxyProtocol(self)

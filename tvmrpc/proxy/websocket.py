@@ -36,15 +36,10 @@ class WebSocketLeg(WebSocketServerProtocol):
     #: No address check for WebSocket legs: a server here always proves a board secret.
     peer_host = None
 
-    def __init__(
-        self,
-        switchboard: Switchboard,
-        handshake_timeout: float,
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-    ) -> None:
+    def __init__(self, factory: _LegFactory) -> None:
         WebSocketServerProtocol.__init__(self)
-        self.keepalive = keepalive
-        self.leg = Leg(switchboard, self, handshake_timeout)
+        self.factory = factory
+        self.leg = Leg(factory.switchboard, self, factory.handshake_timeout)
 
     def onOpen(self) -> None:
         self.peer_name = f"ws {address_text(self.transport)}"
@@ -75,7 +70,7 @@ class WebSocketLeg(WebSocketServerProtocol):
         return self.transport
 
     def on_waiting(self) -> None:
-        sockopts.set_keepalive(self.transport, self.keepalive)
+        sockopts.set_keepalive(self.transport, self.factory.keepalive)
 
     def splice_socket(self) -> None:
         return None  # its bytes on the wire are frames, not the stream
@@ -96,9 +91,7 @@ class _LegFactory(WebSocketServerFactory):
         self.handshake_timeout = handshake_timeout
 
     def buildProtocol(self, addr: Any) -> WebSocketLeg:
-        proto = WebSocketLeg(self.switchboard, self.handshake_timeout, self.keepalive)
-        proto.factory = self
-        return proto
+        return WebSocketLeg(self)
 
 
 class StaticPage(Resource):
