@@ -1,7 +1,8 @@
 """Proxy benchmark: the stock proxy and ours side by side, with a direct baseline.
 
 - raw forwarding: a fake server and client (plain sockets speaking the
-  handshake) paired by key push N MiB each way; direct = one loopback socket;
+  handshake) paired by key push N MiB each way; direct = one loopback socket,
+  measured with the same sender and receiver, in turns with both proxies;
 - a stock client's 64 MiB upload/download to a stock server through ours,
   through stock, and direct;
 - pairing latency: a fake server and client, each writing its handshake in
@@ -79,16 +80,33 @@ def direct_pair() -> tuple[socket.socket, socket.socket]:
 
 
 def raw_forwarding(
-    pair: Callable[[], tuple[socket.socket, socket.socket]], total: int, repeat: int
-) -> tuple[float, float]:
-    """Best MB/s (server->client, client->server) over ``repeat`` fresh pairs."""
-    down, up = [], []
+    pairs: dict[str, Callable[[], tuple[socket.socket, socket.socket]]],
+    total: int,
+    repeat: int,
+    cpu_of: dict[str, Callable[[], float]],
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Best MB/s (server->client, client->server) of each way to pair, and the CPU
+    seconds per GiB of each ``cpu_of`` process.
+
+    The candidates take turns within each of ``repeat`` rounds (direct, stock,
+    ours, direct, ...), each on a fresh pair, so that a load that drifts during
+    the run weighs on all of them alike and "% of direct" compares like with like.
+    """
+    down: dict[str, list[float]] = {name: [] for name in pairs}
+    up: dict[str, list[float]] = {name: [] for name in pairs}
+    spent = dict.fromkeys(cpu_of, 0.0)
     for _ in range(repeat):
-        server, client = pair()
-        with server, client:
-            down.append(total / transfer(server, client, total) / 1e6)
-            up.append(total / transfer(client, server, total) / 1e6)
-    return max(down), max(up)
+        for name, pair in pairs.items():
+            before = cpu_of[name]() if name in cpu_of else 0.0
+            server, client = pair()
+            with server, client:
+                down[name].append(total / transfer(server, client, total) / 1e6)
+                up[name].append(total / transfer(client, server, total) / 1e6)
+            if name in cpu_of:
+                spent[name] += cpu_of[name]() - before
+    best = {name: (max(down[name]), max(up[name])) for name in pairs}
+    gib = 2 * repeat * total / (1 << 30)
+    return best, {name: seconds / gib for name, seconds in spent.items()}
 
 
 # -- stock client through a proxy ------------------------------------------------
@@ -222,16 +240,18 @@ def main(flags: list[str]) -> int:
             ports = {"stock": stock.port, "ours": ours.port}
             mb = raw_total // MiB
             print(f"raw forwarding, {mb} MiB each way ...", flush=True)
-            direct = raw_forwarding(direct_pair, raw_total, repeat)
-            fwd, cpu = {}, {}
-            for name, proc in (("stock", stock), ("ours", ours)):
-                # CPU the proxy spends per GiB it forwards (both directions)
-                before = tree_cpu(proc.proc.pid)
-                fwd[name] = raw_forwarding(
-                    lambda p=proc.port: raw_pair(p, "raw"), raw_total, repeat
-                )
-                spent = tree_cpu(proc.proc.pid) - before
-                cpu[name] = spent / (2 * repeat * raw_total / (1 << 30))
+            pairs = {
+                "direct": direct_pair,
+                "stock": lambda: raw_pair(stock.port, "raw"),
+                "ours": lambda: raw_pair(ours.port, "raw"),
+            }
+            # CPU the proxy spends per GiB it forwards (both directions)
+            cpu_of = {
+                "stock": lambda: tree_cpu(stock.proc.pid),
+                "ours": lambda: tree_cpu(ours.proc.pid),
+            }
+            fwd, cpu = raw_forwarding(pairs, raw_total, repeat, cpu_of)
+            direct = fwd["direct"]
             for i, way in enumerate(("server->client", "client->server")):
                 table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i], "higher")
                 vs_direct.append(

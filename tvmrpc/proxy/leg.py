@@ -10,7 +10,9 @@ The switchboard sees the leg as an :class:`~tvmrpc.proxy.switchboard.ILeg`.
 The leg's life is an explicit :class:`Phase`::
 
     NEW → HANDSHAKE → [PROVING →] WAITING → ANSWERED → FORWARDING
-                                        ↘ CLOSING (we close) → CLOSED (connection lost)
+
+and from any of them to CLOSING (we close: bad input, refused, peer gone)
+and CLOSED (the connection is lost).
 
 *handshake* decodes the connecting side's key, bounded by a timer;
 *proving* (a ``server:`` leg at a proxy with a board secret) waits for the
@@ -50,6 +52,8 @@ Invariants:
   client certificate verified at an ``mtls:`` port (:mod:`tvmrpc.boardtls`).
   Client legs need nothing.
 - The handshake timer runs exactly while the leg is in HANDSHAKE or PROVING.
+- A leg equals, and hashes as, the carrier it holds (one connection, one
+  leg), so whatever is keyed by legs can be looked up by connection.
 """
 
 from __future__ import annotations
