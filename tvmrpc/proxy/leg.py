@@ -299,9 +299,10 @@ class Leg:
     def start(self) -> None:
         """Both sides have their answer: hand over early bytes and link the flow control."""
         self._expect("start")
-        peer = self.partner
-        if self.phase is Phase.CLOSING or peer is None:
+        if self.phase is Phase.CLOSING:
             return
+        peer = self.partner
+        assert peer is not None  # set by pair(); cleared only when one of us closes
         self.phase = Phase.FORWARDING
         if self._splicing:
             if self._relay is None and not self._start_relay(peer):
