@@ -157,7 +157,7 @@ class LegStateError(RuntimeError):
 
 
 @implementer(ILeg)
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class Leg:
     """One connection at the proxy, from its handshake to its close."""
 
@@ -197,6 +197,9 @@ class Leg:
 
     def __hash__(self) -> int:
         return hash(self.carrier)
+
+    def __repr__(self) -> str:
+        return f"<Leg {self.peer_name} {self.key or '(no key yet)'} {self.phase.value}>"
 
     # -- ILeg attributes ------------------------------------------------------------
 

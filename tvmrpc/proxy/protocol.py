@@ -87,7 +87,7 @@ class ProxyProtocol(Protocol):
         return handover.spliceable_socket(self.transport)
 
 
-@attrs.define(slots=False, eq=False)
+@attrs.define(slots=False, eq=False, repr=False)
 class ProxyFactory(Factory):
     """Builds :class:`ProxyProtocol` legs sharing one switchboard."""
 

@@ -54,7 +54,7 @@ log = Logger()
 
 
 @implementer(IServerWatcher)
-@attrs.define(slots=False, eq=False)
+@attrs.define(slots=False, eq=False, repr=False)
 class Registrar(service.Service):
     """Registers the proxy's waiting servers at a tracker (``--tracker``).
 
