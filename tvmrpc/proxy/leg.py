@@ -500,8 +500,8 @@ class Leg:
     # -- closing ------------------------------------------------------------------------------
 
     def _close(self) -> None:
-        """Close after the buffered bytes (a leg already gone stays as it is)."""
-        if self.phase is not Phase.CLOSED:
+        """Close after the buffered bytes (once; a leg already gone stays as it is)."""
+        if self.phase not in (Phase.CLOSING, Phase.CLOSED):
             self.phase = Phase.CLOSING
             self._cancel_timer()
             self.carrier.close()
