@@ -245,3 +245,20 @@ def test_make_service_uses_the_reactor_it_is_given():
         assert factory.splice_reactor is None or factory.splice_reactor is reactor
     finally:
         top.stopService()
+
+
+def test_a_pairing_that_ends_while_it_is_set_up_starts_nothing():
+    """start() on a leg already closing (its relay ended at once) moves no byte."""
+    board = Switchboard(Clock())
+    server, server_carrier = new_leg(board, "s")
+    server.received(encode_handshake("server:k"))
+    client, _ = new_leg(board, "c")
+    client.received(encode_handshake("client:other"))  # waits too: paired by hand below
+    client.pair(server)
+    server.pair(client)
+    assert client.phase is server.phase is Phase.ANSWERED
+    server.peer_gone()  # as the relay's end does, before start()
+    server.start()
+    assert server.phase is Phase.CLOSING
+    assert server_carrier.bytes.producer is None  # no flow control was linked
+    assert server_carrier.events == ["waiting", "close"]
