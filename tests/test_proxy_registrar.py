@@ -117,13 +117,19 @@ def test_handed_out_key_regenerated_after_grace_and_lost_link_stops_puts():
     assert waiting[second] is leg
 
 
+def connected_link(registrar: Registrar) -> list[bool]:
+    """Connect ``registrar`` to a fake tracker; the list records each reset of the link."""
+    link = FakeLink()
+    closed: list[bool] = []
+    link.transport.loseConnection = lambda: closed.append(True)
+    registrar._ready(link)
+    return closed
+
+
 def test_departed_waiting_servers_reset_the_tracker_link_once():
     """The wire cannot withdraw one PUT: the link is dropped so the tracker forgets them all."""
     clock, board, registrar = setup()
-    link = FakeLink()
-    closed = []
-    link.transport.loseConnection = lambda: closed.append(True)
-    registrar._ready(link)
+    closed = connected_link(registrar)
     gone_a, gone_b = arrive(board, "a"), arrive(board, "b")
     stays = arrive(board, "c")
     board.leave(gone_a)
@@ -136,10 +142,7 @@ def test_departed_waiting_servers_reset_the_tracker_link_once():
 
 def test_paired_or_client_legs_leaving_do_not_reset_the_link():
     clock, board, registrar = setup()
-    link = FakeLink()
-    closed = []
-    link.transport.loseConnection = lambda: closed.append(True)
-    registrar._ready(link)
+    closed = connected_link(registrar)
     board.leave(FakeLeg("never-waited"))
     clock.advance(1)
     assert closed == []
