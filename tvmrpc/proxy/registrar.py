@@ -94,7 +94,11 @@ class Registrar(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         self.switchboard.subscribe(self)
-        log.info("registering waiting servers at tracker {tracker}", tracker=self.tracker)
+        log.info(
+            "registering waiting servers at tracker {host}:{port}",
+            host=self.tracker[0],
+            port=self.tracker[1],
+        )
         self.bound.addCallback(self._start)
 
     def _start(self, port: IListeningPort) -> IListeningPort:
