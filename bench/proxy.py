@@ -84,9 +84,10 @@ def raw_forwarding(
     total: int,
     repeat: int,
     cpu_of: dict[str, Callable[[], float]],
-) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
-    """Best MB/s (server->client, client->server) of each way to pair, and the CPU
-    seconds per GiB of each ``cpu_of`` process.
+) -> tuple[dict[str, tuple[float, float]], dict[str, float], dict[str, list[list[float]]]]:
+    """Best MB/s (server->client, client->server) of each way to pair, the CPU
+    seconds per GiB of each ``cpu_of`` process, and every round's MB/s per way
+    (``[down, up]`` lists, in round order).
 
     The candidates take turns within each of ``repeat`` rounds (direct, stock,
     ours, direct, ...), each on a fresh pair, so that a load that drifts during
@@ -106,7 +107,8 @@ def raw_forwarding(
                 spent[name] += cpu_of[name]() - before
     best = {name: (max(down[name]), max(up[name])) for name in pairs}
     gib = 2 * repeat * total / (1 << 30)
-    return best, {name: seconds / gib for name, seconds in spent.items()}
+    rounds = {name: [down[name], up[name]] for name in pairs}
+    return best, {name: seconds / gib for name, seconds in spent.items()}, rounds
 
 
 # -- stock client through a proxy ------------------------------------------------
@@ -250,14 +252,16 @@ def main(flags: list[str]) -> int:
                 "stock": lambda: tree_cpu(stock.proc.pid),
                 "ours": lambda: tree_cpu(ours.proc.pid),
             }
-            fwd, cpu = raw_forwarding(pairs, raw_total, repeat, cpu_of)
+            fwd, cpu, rounds = raw_forwarding(pairs, raw_total, repeat, cpu_of)
             direct = fwd["direct"]
             for i, way in enumerate(("server->client", "client->server")):
                 table.add(f"raw {way} {mb} MiB (MB/s)", fwd["stock"][i], fwd["ours"][i], "higher")
+                ours_by_round = zip(rounds["ours"][i], rounds["direct"][i], strict=True)
+                per_round = " ".join(f"{o / d:.0%}" for o, d in ours_by_round)
                 vs_direct.append(
                     f"raw {way}: direct {direct[i]:.0f} MB/s; ours "
                     f"{fwd['ours'][i] / direct[i]:.0%} of direct, stock "
-                    f"{fwd['stock'][i] / direct[i]:.0%}"
+                    f"{fwd['stock'][i] / direct[i]:.0%} (ours/direct by round: {per_round})"
                 )
             table.add("proxy CPU per GiB forwarded (s)", cpu["stock"], cpu["ours"], "lower")
             print("pairing latency ...", flush=True)
