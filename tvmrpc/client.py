@@ -1,11 +1,14 @@
 """A Deferred-based tracker client, used by the server, the proxy, the CLI and tests.
 
 Invariants:
-- At most one call is on the wire per connection. The tracker answers a
-  REQUEST only when a resource is free, and answers other calls at once, so
-  pipelining would make replies ambiguous; later calls queue behind the one
-  in flight. Cancelling an in-flight call closes the connection (the protocol
-  has no other way to withdraw a REQUEST).
+- Calls are pipelined: every call but REQUEST is answered at once and in
+  order, so several may be on the wire and their replies are matched in
+  order (the server's UPDATE_INFO and PUT leave in one write, one round trip
+  instead of two). A REQUEST is answered only when a resource is free, so it
+  is sent only when nothing else is in flight, and nothing is sent after it
+  until its reply came: replies are never ambiguous. Cancelling an in-flight
+  call closes the connection (the protocol has no other way to withdraw a
+  REQUEST).
 - A peer that answers the magic wrongly, closes before answering it, or (with
   ``magic_timeout``) stays silent fails ``ready`` with :class:`NotATrackerError`,
   whose message says "not a TVM tracker".
@@ -24,7 +27,7 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.application.internet import backoffPolicy
@@ -38,7 +41,7 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.interfaces import IReactorTCP, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -107,8 +110,11 @@ class TrackerClientProtocol(Protocol):
         # Replies (a SUMMARY grows with the tracker's state) are bounded only
         # loosely: stock's client reads any length (see MAX_REPLY_FRAME_BYTES).
         self._decoder = FrameDecoder(MAX_REPLY_FRAME_BYTES)
-        self._queue: collections.deque[tuple[bytes, Deferred[Any]]] = collections.deque()
-        self._in_flight: Deferred[Any] | None = None
+        #: Calls not yet sent: (frame, is a REQUEST, Deferred).
+        self._queue: collections.deque[tuple[bytes, bool, Deferred[Any]]] = collections.deque()
+        #: Calls sent and not yet answered, oldest first; a REQUEST is always alone.
+        self._in_flight: collections.deque[Deferred[Any]] = collections.deque()
+        self._request_in_flight = False
         self._closed: Failure | None = None
         self._nonce: str | None = None  # this connection's board challenge
         self._board_keys: set[str] = set()  # keys proven on this connection
@@ -119,7 +125,7 @@ class TrackerClientProtocol(Protocol):
         tcp = beneath(self.transport)  # the socket under TLS, for tls: links
         sockopts.set_nodelay(tcp)
         sockopts.set_keepalive(tcp, self.keepalive)
-        self.transport.write(encode_int32(TRACKER_MAGIC))
+        self._tcp().write(encode_int32(TRACKER_MAGIC))
         if self.magic_timeout is not None:
             if self.clock is None:
                 from twisted.internet import reactor as clock
@@ -149,12 +155,13 @@ class TrackerClientProtocol(Protocol):
             self._fail(TrackerError(f"bad frame from tracker: {exc}"))
             return
         for reply in replies:
-            waiting, self._in_flight = self._in_flight, None
-            if waiting is None:
+            if not self._in_flight:
                 self._fail(TrackerError(f"unsolicited reply from tracker: {reply!r}"))
                 return
+            waiting = self._in_flight.popleft()
+            self._request_in_flight = False
             waiting.callback(reply)
-            self._send_next()
+        self._send_next()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closed = reason
@@ -171,9 +178,9 @@ class TrackerClientProtocol(Protocol):
                     )
                 )
             self.ready.errback(reason)
-        pending = [self._in_flight] if self._in_flight is not None else []
-        pending += [d for _, d in self._queue]
-        self._in_flight = None
+        pending = [*self._in_flight, *(d for _, _, d in self._queue)]
+        self._in_flight.clear()
+        self._request_in_flight = False
         self._queue.clear()
         for d in pending:
             d.errback(reason)
@@ -186,7 +193,7 @@ class TrackerClientProtocol(Protocol):
         if self._closed is not None:
             d.errback(self._closed)
             return d
-        self._queue.append((encode_frame(request), d))
+        self._queue.append((encode_frame(request), request[0] == TrackerCode.REQUEST, d))
         self._send_next()
         return d
 
@@ -268,6 +275,11 @@ class TrackerClientProtocol(Protocol):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def abort(self) -> None:
+        """Drop the connection at once (``abortConnection``); calls waiting fail."""
+        if self.transport is not None:
+            self._tcp().abortConnection()
+
     # -- internals ------------------------------------------------------------
 
     def _no_magic(self) -> None:
@@ -283,33 +295,49 @@ class TrackerClientProtocol(Protocol):
             self._magic_timer.cancel()
         self._magic_timer = None
 
+    def _tcp(self) -> ITCPTransport:
+        """This protocol's transport (a TCP, UNIX or TLS connection: all can abort)."""
+        return cast(ITCPTransport, self.transport)
+
     def _cancel_ready(self, d: Deferred[Any]) -> None:
         self._stop_magic_timer()
-        if self.transport is not None:
-            self.transport.abortConnection()
+        self.abort()
 
     def _send_next(self) -> None:
-        if self._in_flight is not None or not self._queue or not self._handshaken:
+        """Write every queued call that may go now, in one write (see the invariants)."""
+        if not self._handshaken or self._request_in_flight:
             return
-        frame, d = self._queue.popleft()
-        self._in_flight = d
-        self.transport.write(frame)
+        frames = []
+        while self._queue:
+            frame, is_request, d = self._queue[0]
+            if is_request and self._in_flight:
+                break  # a REQUEST goes alone: its reply may come after later calls' replies
+            self._queue.popleft()
+            self._in_flight.append(d)
+            frames.append(frame)
+            if is_request:
+                self._request_in_flight = True
+                break
+        if frames:
+            self._tcp().write(b"".join(frames))
 
     def _cancel(self, d: Deferred[Any]) -> None:
-        if d is self._in_flight:
-            self._in_flight = None
-            self.transport.abortConnection()
+        if d in self._in_flight:
+            self._in_flight.remove(d)
+            self.abort()
         else:
-            self._queue = collections.deque(item for item in self._queue if item[1] is not d)
+            self._queue = collections.deque(item for item in self._queue if item[2] is not d)
         d.errback(Failure(CancelledError()))
 
     def _fail(self, exc: Exception) -> None:
         if not self.ready.called:
             self.ready.errback(Failure(exc))
-        waiting, self._in_flight = self._in_flight, None
-        if waiting is not None:
-            waiting.errback(Failure(exc))
-        self.transport.abortConnection()
+        waiting = list(self._in_flight)
+        self._in_flight.clear()
+        self._request_in_flight = False
+        for d in waiting:
+            d.errback(Failure(exc))
+        self.abort()
 
 
 def _expect_success(reply: Any, what: str) -> None:
@@ -447,7 +475,8 @@ class TrackerLink(service.Service):
         self.board_secret = board_secret
         self.board_key = board_key
         if endpoint is None and getattr(tracker, "description", None):
-            endpoint = tracker.endpoint(reactor)  # a tvmrpc.outgoing.Target (tls:...)
+            make = getattr(tracker, "endpoint")  # noqa: B009 - a tvmrpc.outgoing.Target (tls:...)
+            endpoint = make(reactor)
         self.endpoint = endpoint or HostnameEndpoint(
             reactor, tracker[0], tracker[1], timeout=connect_timeout
         )
@@ -493,14 +522,14 @@ class TrackerLink(service.Service):
             return defer.succeed(None)
         d: Deferred[None] = Deferred()
         self._closed_waiters.append(d)
-        self._open.transport.abortConnection()
+        self._open.abort()
         return d
 
     # -- connection events ----------------------------------------------------------
 
     def _connect(self) -> None:
         self.state = LinkState.CONNECTING
-        d = self.endpoint.connect(_LinkFactory(self))
+        d: Deferred[Any] = self.endpoint.connect(_LinkFactory(self))
         d.addCallback(lambda proto: proto.ready)
         if self.board_secret is not None:
             secret, key = self.board_secret, self.board_key
@@ -533,7 +562,7 @@ class TrackerLink(service.Service):
         if self.state is not LinkState.CONNECTING:
             return  # stopped meanwhile: the cancellation is expected
         if self._open is not None:
-            self._open.transport.abortConnection()
+            self._open.abort()
         self.failures += 1
         delay = self.retry_policy(self.failures)
         held = self._report.event(self.reactor.seconds())

@@ -8,12 +8,19 @@ and the board keeps a duplicate only to write the timeout exception.
 
 Invariants:
 - At most one session runs; ``busy`` is true while one runs or tickets wait.
-- Every session gets a fresh directory, removed when the session is over
-  (by the runtime when it says ``removes_session_dirs``, off this thread).
+- Every session gets a fresh directory, removed when the session is over,
+  never on the reactor thread: by the runtime when it says
+  ``removes_session_dirs`` (the zygote removes it as it reaps the worker),
+  else by ``remove_tree`` (in the reactor's thread pool).
 - A session past its ``-timeout`` is aborted: its worker tree is killed and
   the client receives the stock ``RPCSessionTimeoutError`` exception packet.
-- ``idle_observers`` are called whenever the board becomes free with nothing
-  waiting (the tracker registrar re-registers then).
+- Observers subscribed with :meth:`Board.subscribe` are called with no
+  argument whenever the board becomes free with nothing waiting (the tracker
+  registrar PUTs a fresh match key then), in subscription order, until
+  unsubscribed.
+- When a session ends, the board is free for the next client (and its
+  observers told) before anything is logged: the re-offer at the tracker
+  does not wait for log writes. Per-session events are logged at debug.
 - With a :class:`Lifecycle`, a session starts only while the board is
   advertised; the board reports each session's start and end to it, and an
   end by a signal we did not send (a crash) as such, so a health check runs
@@ -26,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import shutil
 import socket
@@ -35,7 +43,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..codec import exception_packet, session_timeout_message
 from ..status.hooks import NULL_SERVER
@@ -43,7 +53,10 @@ from .adapter import IDeviceRuntime
 from .lifecycle import Lifecycle, State
 from .session_dirs import SessionRoot
 
-log = Logger(namespace="tvmrpc.server")
+log = Logger()
+
+#: What :meth:`Board.subscribe` takes: called with no argument when the board is idle.
+IdleObserver = Callable[[], None]
 
 
 class Ticket(Protocol):
@@ -69,8 +82,11 @@ class Board:
         workdir: str | None = None,
         lifecycle: Lifecycle | None = None,
         max_session_seconds: float | None = None,
+        remove_tree: Callable[[str], None] | None = None,
     ) -> None:
         self.reactor = reactor
+        #: Removes a session directory off the reactor thread (runtimes that do not).
+        self.remove_tree = remove_tree or remover(reactor)
         self.runtime = runtime
         self.workdir = workdir
         self.session_root = SessionRoot(workdir or session_root())
@@ -80,7 +96,8 @@ class Board:
             lifecycle.observers.append(self._state_changed)
         self.queue: collections.deque[Ticket] = collections.deque()
         self.current: defer.Deferred[int] | None = None
-        self.idle_observers: list[Callable[[], None]] = []
+        #: The subscribed idle observers (use :meth:`subscribe`).
+        self.idle_observers: list[IdleObserver] = []
         #: Called with the client's label when its session starts.
         self.session_observers: list[Callable[[str], None]] = []
         self.sessions_served = 0
@@ -89,6 +106,16 @@ class Board:
         self._waiting_for_worker = False
         self._aborted = False
         self._closed = False
+
+    def subscribe(self, observer: IdleObserver) -> None:
+        """Call ``observer()`` each time the board becomes idle (once per observer)."""
+        if observer not in self.idle_observers:
+            self.idle_observers.append(observer)
+
+    def unsubscribe(self, observer: IdleObserver) -> None:
+        """Stop calling ``observer``; one that was not subscribed is ignored."""
+        if observer in self.idle_observers:
+            self.idle_observers.remove(observer)
 
     @property
     def busy(self) -> bool:
@@ -101,7 +128,7 @@ class Board:
             return
         self.queue.append(ticket)
         if self.current is not None:
-            log.info(
+            log.debug(
                 "client {peer} waits its turn ({n} waiting)", peer=ticket.label, n=len(self.queue)
             )
         self._pump()
@@ -147,12 +174,6 @@ class Board:
         # The worker first: the client waits for it, not for our log line.
         d = self.runtime.serve(sock, session_dir)
         self.current = d
-        log.info(
-            "session started for {peer} in {dir} (timeout {timeout})",
-            peer=ticket.label,
-            dir=session_dir,
-            timeout=timeout,
-        )
         client = getattr(ticket, "client", ticket.label)  # a proxied ticket knows its client
         self.observer.session_started(client, timeout, sock)
         if self.lifecycle is not None:
@@ -163,32 +184,41 @@ class Board:
         timer = None
         if timeout:
             timer = self.reactor.callLater(timeout, self._expire, d, sock, timeout)
+        log.debug(
+            "session started for {peer} in {dir} (timeout {timeout})",
+            peer=ticket.label,
+            dir=session_dir,
+            timeout=timeout,
+        )
 
-        def ended(result: Any) -> None:
+        def ended(result: int | Failure) -> None:
+            secs = time.monotonic() - started
             if timer is not None and timer.active():
                 timer.cancel()
+            # The status observer first: it reads the socket's byte counters, and
+            # the outcome it records goes out with the re-offer's UPDATE_INFO.
             self.observer.session_ended(result, sock)
             sock.close()
             if not getattr(self.runtime, "removes_session_dirs", False):
-                shutil.rmtree(session_dir, ignore_errors=True)
+                self.remove_tree(session_dir)
             self.current = None
             self.sessions_served += 1
             aborted, self._aborted = self._aborted, False
-            if isinstance(result, int):
-                log.info(
-                    "session ended for {peer} (worker exit {code}, {secs:.3f}s)",
-                    peer=ticket.label,
-                    code=result,
-                    secs=time.monotonic() - started,
-                )
-            else:
-                log.failure("session ended for {peer} with an error", result, peer=ticket.label)
             if self.lifecycle is not None:
                 crashed = None
                 if isinstance(result, int) and result < 0 and not aborted:
                     crashed = f"the last session's worker was killed by signal {-result}"
                 self.lifecycle.session_ended(crashed)
-            self._pump()
+            self._pump()  # the next client, or idle: the re-offer leaves now
+            if isinstance(result, int):
+                log.debug(
+                    "session ended for {peer} (worker exit {code}, {secs:.3f}s)",
+                    peer=ticket.label,
+                    code=result,
+                    secs=secs,
+                )
+            else:
+                log.failure("session ended for {peer} with an error", result, peer=ticket.label)
 
         d.addBoth(ended)
 
@@ -221,12 +251,13 @@ class Board:
         done: defer.Deferred[None] = defer.Deferred()
         timer = self.reactor.callLater(grace, self._abort_current, current)
 
-        def finished(_: object) -> None:
+        def finished(result: int | Failure) -> int | Failure:
             if timer.active():
                 timer.cancel()
             done.callback(None)
+            return result
 
-        current.addBoth(lambda result: (finished(None), result)[1])
+        current.addBoth(finished)
         return done
 
     def _abort_current(self, current: defer.Deferred[int]) -> None:
@@ -234,6 +265,14 @@ class Board:
             log.info("grace period over: aborting the running session")
             self._aborted = True
             self.runtime.abort(current)
+
+
+def remover(reactor: Any) -> Callable[[str], None]:
+    """Remove a directory tree in ``reactor``'s thread pool (a reactor without
+    threads, such as a test clock, removes it at once)."""
+    if IReactorThreads.providedBy(reactor):
+        return functools.partial(reactor.callInThread, shutil.rmtree, ignore_errors=True)
+    return functools.partial(shutil.rmtree, ignore_errors=True)
 
 
 def session_root() -> str:

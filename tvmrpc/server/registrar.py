@@ -25,6 +25,10 @@ Invariants:
   know the proof is a failed attempt, logged and retried like any other.
 - ``announcement.up`` is true exactly while a tracker link has been
   answered (UPDATE_INFO) and not lost or dropped.
+- The registrar observes the board and the lifecycle only while it runs: it
+  subscribes in ``startService`` and unsubscribes in ``stopService``.
+- A re-offer is one round trip: an UPDATE_INFO and the PUT after it leave
+  together (the tracker client pipelines them).
 """
 
 from __future__ import annotations
@@ -33,19 +37,18 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import sockopts
-from ..client import TrackerClientProtocol, tracker_link_service
+from ..client import TrackerClientProtocol, TrackerLink, tracker_link_service
 from ..codec import random_matchkey
 from .board import Board
 from .lifecycle import Announcement, Lifecycle, State
 
-log = Logger(namespace="tvmrpc.server.tracker")
+log = Logger()
 
 
 class Registrar(service.Service):
@@ -85,7 +88,7 @@ class Registrar(service.Service):
         self._put_on: TrackerClientProtocol | None = None
         self._missing_since: float | None = None
         self._checking = False
-        self._client: ClientService | None = None
+        self._client: TrackerLink | None = None
         #: The ``"tvmrpc"`` UPDATE_INFO field (tvmrpc.status); re-sent before a PUT when it changed.
         self.extension: Callable[[], dict[str, Any] | None] = lambda: None
         self._sent_extension: dict[str, Any] | None = None
@@ -96,16 +99,16 @@ class Registrar(service.Service):
         self.link_observers: list[Callable[[bool], None]] = []
         self.lifecycle = lifecycle
         self.announcement = Announcement()
-        board.idle_observers.append(self._register)
-        if lifecycle is not None:
-            lifecycle.observers.append(self._state_changed)
 
     # -- service -----------------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
-        if self.port is None:
-            self.port_source.addCallback(self._bound)  # type: ignore[union-attr]
+        self.board.subscribe(self._register)
+        if self.lifecycle is not None and self._state_changed not in self.lifecycle.observers:
+            self.lifecycle.observers.append(self._state_changed)
+        if self.port is None and isinstance(self.port_source, defer.Deferred):
+            self.port_source.addCallback(self._bound)
         else:
             self._connect()
 
@@ -165,6 +168,9 @@ class Registrar(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         service.Service.stopService(self)
+        self.board.unsubscribe(self._register)
+        if self.lifecycle is not None and self._state_changed in self.lifecycle.observers:
+            self.lifecycle.observers.remove(self._state_changed)
         return self._disconnect()
 
     # -- the tracker connection --------------------------------------------------
@@ -226,8 +232,8 @@ class Registrar(service.Service):
 
     def _register(self) -> None:
         """PUT a fresh match key when the board is idle and this link has none."""
-        link = self.link
-        if link is None or not self.running or self.board.busy:
+        link, port = self.link, self.port
+        if link is None or port is None or not self.running or self.board.busy:
             return
         if self.lifecycle is not None and not self.lifecycle.ready:
             return
@@ -240,7 +246,7 @@ class Registrar(service.Service):
         self._missing_since = None
         if self.extension() != self._sent_extension:
             link.update_info(self._info()).addErrback(self._call_failed, link, "UPDATE_INFO")
-        d = link.put(self.key, self.port, self.matchkey, self.custom_addr)
+        d = link.put(self.key, port, self.matchkey, self.custom_addr)
         d.addCallback(lambda _: self._put_done(link))
         d.addErrback(self._call_failed, link, "PUT")
 
