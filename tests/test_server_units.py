@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -12,17 +13,28 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tvmrpc.codec import RPC_CODE_MISMATCH, RPC_MAGIC, encode_handshake
+from tvmrpc.codec import (
+    RPC_CODE_MISMATCH,
+    RPC_MAGIC,
+    TRACKER_MAGIC,
+    TrackerCode,
+    encode_frame,
+    encode_handshake,
+    encode_int32,
+)
 from tvmrpc.server import worker
 from tvmrpc.server.adapter import IDeviceRuntime, WorkerConfig, ZygoteRuntime
 from tvmrpc.server.board import Board
 from tvmrpc.server.handshake import HandshakeFactory
+from tvmrpc.server.registrar import Registrar
 from tvmrpc.server.service import Options, parse_hostport
 
 # -- session paths --------------------------------------------------------------
@@ -279,6 +291,142 @@ def test_board_withdrawn_ticket_is_not_served(tmp_path):
     runtime.sessions[0][2].callback(0)
     assert len(runtime.sessions) == 1
     assert not board.busy
+
+
+def test_board_subscribers_hear_idle_until_they_unsubscribe(tmp_path):
+    runtime = FakeRuntime()
+    board = Board(Clock(), runtime, workdir=str(tmp_path))
+    heard: list[str] = []
+
+    def first() -> None:
+        heard.append("first")
+
+    def second() -> None:
+        heard.append("second")
+
+    board.subscribe(first)
+    board.subscribe(second)
+    board.subscribe(first)  # once per observer
+    board.offer(FakeTicket("a"))
+    runtime.sessions[-1][2].callback(0)
+    assert heard == ["first", "second"]
+    board.unsubscribe(first)
+    board.unsubscribe(first)  # not subscribed any more: ignored
+    board.offer(FakeTicket("b"))
+    runtime.sessions[-1][2].callback(0)
+    assert heard == ["first", "second", "second"]
+
+
+def test_board_re_offers_before_it_logs_the_session_end(tmp_path):
+    runtime = FakeRuntime()
+    board = Board(Clock(), runtime, workdir=str(tmp_path))
+    order: list[str] = []
+    board.subscribe(lambda: order.append("idle"))
+
+    def logged(event: dict) -> None:
+        if "session ended" in event.get("log_format", ""):
+            order.append("logged")
+
+    globalLogPublisher.addObserver(logged)
+    try:
+        board.offer(FakeTicket("a"))
+        runtime.sessions[0][2].callback(0)
+    finally:
+        globalLogPublisher.removeObserver(logged)
+    assert order == ["idle", "logged"]
+
+
+def test_board_makes_the_next_session_dir_while_idle(tmp_path):
+    runtime = FakeRuntime()
+    board = Board(Clock(), runtime, workdir=str(tmp_path))
+    board.offer(FakeTicket("a"))
+    runtime.sessions[0][2].callback(0)
+    root = board.session_root.path
+    ready = [name for name in os.listdir(root) if name.startswith("session-")]
+    assert len(ready) == 1  # made after the re-offer, not when the next client comes
+    board.offer(FakeTicket("b"))
+    assert runtime.sessions[1][1] == os.path.join(root, ready[0])
+
+
+@implementer(IReactorThreads)
+class ThreadRecordingClock(Clock):
+    """A clock whose thread pool only records what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_thread: list[tuple] = []
+
+    def callInThread(self, f, *args, **kwargs) -> None:
+        self.in_thread.append((f, args, kwargs))
+
+    def getThreadPool(self):
+        raise NotImplementedError
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        raise NotImplementedError
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        raise NotImplementedError
+
+
+def test_board_removes_session_dirs_in_the_thread_pool(tmp_path):
+    """A runtime that does not remove session dirs: the board never walks one on this thread."""
+    clock = ThreadRecordingClock()
+    runtime = FakeRuntime(clock)
+    board = Board(clock, runtime, workdir=str(tmp_path))
+    board.offer(FakeTicket("a"))
+    _sock, session_dir, d = runtime.sessions[0]
+    Path(session_dir, "kernel.so").write_bytes(b"x")
+    d.callback(0)
+    assert os.path.isdir(session_dir)  # not removed here...
+    [(remove, args, kwargs)] = clock.in_thread
+    remove(*args, **kwargs)  # ...but by what was handed to the thread pool
+    assert not os.path.exists(session_dir)
+
+
+def _registrar(tmp_path, reactor):
+    runtime = FakeRuntime()
+    board = Board(reactor, runtime, workdir=str(tmp_path))
+    registrar = Registrar(reactor, board, "k", ("127.0.0.1", 9), 9000)
+    return registrar, board, runtime
+
+
+def test_registrar_observes_the_board_only_while_running(tmp_path):
+    registrar, board, _runtime = _registrar(tmp_path, MemoryReactorClock())
+    assert board.idle_observers == []  # constructing it plugged nothing in
+    registrar.startService()
+    assert board.idle_observers == [registrar._register]
+    registrar.stopService()
+    assert board.idle_observers == []
+
+
+def test_registrar_re_offers_with_update_info_and_put_in_one_round_trip(tmp_path):
+    reactor = MemoryReactorClock()
+    registrar, board, runtime = _registrar(tmp_path, reactor)
+    outcome = {"sessions": 0}
+    registrar.extension = lambda: dict(outcome)
+    registrar.startService()
+    factory = reactor.tcpClients[0][2]
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(encode_int32(TRACKER_MAGIC))
+    proto.dataReceived(encode_frame(TrackerCode.SUCCESS))  # the first UPDATE_INFO
+    proto.dataReceived(encode_frame(TrackerCode.SUCCESS))  # the first PUT
+    assert registrar.matchkey is not None
+    assert registrar.claim(registrar.matchkey)
+    board.offer(FakeTicket("client"))
+    transport.clear()
+    outcome["sessions"] = 1  # the session's outcome goes out with the re-offer
+    runtime.sessions[0][2].callback(0)
+    sent = transport.value()
+    codes = []
+    while sent:
+        (length,) = struct.unpack_from("<i", sent)
+        codes.append(json.loads(sent[4 : 4 + length])[0])
+        sent = sent[4 + length :]
+    assert codes == [TrackerCode.UPDATE_INFO, TrackerCode.PUT]  # before any answer
+    registrar.stopService()
 
 
 # -- the handshake protocol, on a string transport -----------------------------------

@@ -27,7 +27,9 @@ Invariants:
   before the next client.
 - A session that asked for no timeout is capped at ``max_session_seconds``
   when that is set.
-- Session directories live in this daemon's locked :class:`SessionRoot`.
+- Session directories live in this daemon's locked :class:`SessionRoot`;
+  the next one is made while the board is idle, so a session's start does
+  not wait for a ``mkdir``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Board:
         #: Told when a session starts, times out and ends (tvmrpc.status).
         self.observer: Any = NULL_SERVER
         self._waiting_for_worker = False
+        self._spare_dir: str | None = None  # the next session's, made while idle
         self._aborted = False
         self._closed = False
 
@@ -168,7 +171,7 @@ class Board:
         self._pump()
 
     def _start(self, ticket: Ticket, sock: socket.socket) -> None:
-        session_dir = self.session_root.new_session()
+        session_dir, self._spare_dir = self._spare_dir or self.session_root.new_session(), None
         started = time.monotonic()
         timeout = ticket.timeout or self.max_session_seconds
         # The worker first: the client waits for it, not for our log line.
@@ -239,6 +242,11 @@ class Board:
     def _idle(self) -> None:
         for observer in list(self.idle_observers):
             observer()
+        if self._spare_dir is None and not self._closed:
+            try:
+                self._spare_dir = self.session_root.new_session()
+            except OSError as exc:  # made again when the session starts, and failing there
+                log.warn("cannot make a session directory: {exc}", exc=exc)
 
     def close(self, grace: float) -> defer.Deferred[None]:
         """Refuse new clients; let a running session finish within ``grace`` seconds."""
