@@ -255,7 +255,7 @@ def _link_events(run):
         run()
     finally:
         globalLogPublisher.removeObserver(events.append)
-    return [e for e in events if e.get("log_namespace") == "tvmrpc.link"]
+    return [e for e in events if e.get("log_namespace") == "tvmrpc.client"]
 
 
 def test_unreachable_link_warns_once_then_once_a_minute_with_the_retry_delay():

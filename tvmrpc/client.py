@@ -61,7 +61,7 @@ from .codec import (
 from .outgoing import beneath, tls_failure
 from .ratelimit import RateLimit
 
-log = Logger(namespace="tvmrpc.link")
+log = Logger()
 
 
 class TrackerError(Exception):
