@@ -7,7 +7,11 @@ Figures, each measured the same way against both:
 - session latency p50/p95: tracker request → 1 KiB upload → download → close;
   see :data:`LATENCY_METHOD` (printed with the tables);
 - where a session's time goes (ours and stock's server behind our tracker):
-  each phase of the same session timed on its own, p50 (:func:`session_phases`);
+  each phase of the same session timed on its own, p50 (:func:`session_phases`),
+  and the CPU each process spent per session in a separate run of the same
+  sessions (:func:`cpu_split`; /proc counts CPU in 10 ms ticks, so it takes
+  many sessions): back to back, a session cannot take less wall time than
+  its CPU divided by the machine's cores.
 - back-to-back sessions/s: 4 client processes x 25 sessions (request, upload a
   compiled kernel, load it, ``time_evaluator``, close) against 2 servers;
 - 64 MiB upload and download MB/s over one session.
@@ -16,12 +20,16 @@ Figures, each measured the same way against both:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from bench.report import Table
 from tvmrpc.harness import (
@@ -139,6 +147,39 @@ def session_phases(tracker_port: int, key: str, n: int) -> dict[str, list[float]
     return {name: samples[2:] for name, samples in phases.items()}
 
 
+CPU_PARTS = (
+    ("client", "client process (stock client, this bench)"),
+    ("tracker", "tracker"),
+    ("server", "server daemon(s)"),
+    ("workers", "session processes (zygote + workers; stock: forks)"),
+)
+
+
+def _tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid`` itself, and of its descendants and their reaped children."""
+    top = psutil.Process(pid)
+    times = top.cpu_times()
+    own = times.user + times.system
+    below = times.children_user + times.children_system
+    for child in top.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            below += t.user + t.system + t.children_user + t.children_system
+    return own, below
+
+
+def cpu_split(tracker_pid: int, server_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the client, the tracker, the servers and their session processes."""
+    me = psutil.Process(os.getpid()).cpu_times()
+    split = {"client": me.user + me.system, "tracker": sum(_tree_cpu(tracker_pid)), "server": 0.0}
+    split["workers"] = 0.0
+    for pid in server_pids:
+        own, below = _tree_cpu(pid)
+        split["server"] += own
+        split["workers"] += below
+    return split
+
+
 def _tune_client(args: tuple[int, str, int, str]) -> int:
     """One autotuner-like client process: ``count`` short sessions."""
     import numpy as np
@@ -225,7 +266,12 @@ def interleaved(rounds: int, keys: dict[str, str], fn) -> dict[str, list]:
 
 
 def measure(
-    log_dir: Path, tracker_port: int, stock_tracker_port: int, kernel: Path, args
+    log_dir: Path,
+    tracker_port: int,
+    stock_tracker_port: int,
+    kernel: Path,
+    args: argparse.Namespace,
+    tracker_pids: tuple[int, int],
 ) -> dict[str, dict[str, float]]:
     """Every pair registered at once; every figure taken in interleaved rounds.
 
@@ -236,16 +282,32 @@ def measure(
     trackers = {"stock": tracker_port, "ours": tracker_port, "all-stock": stock_tracker_port}
     kinds = {"stock": "stock", "ours": "ours", "all-stock": "stock"}
     port_of = {keys[name]: trackers[name] for name in keys}
-    servers = [
-        p
-        for name, key in keys.items()
-        for p in start_pair(kinds[name], log_dir, key, trackers[name])
-    ]
+    pairs = {
+        name: start_pair(kinds[name], log_dir, key, trackers[name]) for name, key in keys.items()
+    }
+    servers = [p for pair in pairs.values() for p in pair]
+    tracker_pid = {"stock": tracker_pids[0], "ours": tracker_pids[0], "all-stock": tracker_pids[1]}
+    parts = [part for part, _ in CPU_PARTS]
+    cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(parts, 0.0) for name in keys}
+    counted: dict[str, int] = dict.fromkeys(keys, 0)
+    name_of = {key: name for name, key in keys.items()}
+
+    def cpu_run(key: str) -> None:
+        name = name_of[key]
+        pids = [p.proc.pid for p in pairs[name]]
+        before = cpu_split(tracker_pid[name], pids)
+        session_latency(port_of[key], key, args.cpu_sessions)
+        after = cpu_split(tracker_pid[name], pids)
+        for part in cpu[name]:
+            cpu[name][part] += after[part] - before[part]
+        counted[name] += args.cpu_sessions + 2  # the warm-up sessions spent CPU too
+
     try:
         for key in keys.values():
             wait_registered(port_of[key], key, 2)
         per_round = max(1, args.sessions // args.rounds)
         lat = interleaved(args.rounds, keys, lambda k: session_latency(port_of[k], k, per_round))
+        interleaved(1, keys, cpu_run)
         behind_ours = {name: keys[name] for name in ("stock", "ours")}
         split = interleaved(
             args.rounds, behind_ours, lambda k: session_phases(port_of[k], k, per_round)
@@ -269,6 +331,8 @@ def measure(
             "up": max(up for up, _ in moved[name]),
             "down": max(down for _, down in moved[name]),
         }
+        for part, _ in CPU_PARTS:
+            figures[name]["cpu_" + part] = cpu[name][part] / counted[name] * 1e3
         if name in split:
             for phase, _ in PHASES:
                 samples = [s for chunk in split[name] for s in chunk[phase]]
@@ -281,6 +345,7 @@ def main(flags: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sessions, 16 MiB")
     args = parser.parse_args(flags)
     args.sessions = 12 if args.quick else 40
+    args.cpu_sessions = 100 if args.quick else 300
     args.rounds = 2 if args.quick else 4
     args.rate_rounds = 1 if args.quick else 2
     args.procs = 4
@@ -293,7 +358,14 @@ def main(flags: list[str]) -> int:
             running(start_tracker(log_dir)) as tracker,
             running(start_stock_tracker(log_dir)) as stock_tracker,
         ):
-            figures = measure(log_dir, tracker.port, stock_tracker.port, kernel, args)
+            figures = measure(
+                log_dir,
+                tracker.port,
+                stock_tracker.port,
+                kernel,
+                args,
+                (tracker.proc.pid, stock_tracker.proc.pid),
+            )
     ours = figures["ours"]
     for baseline, what in (
         ("stock", "stock's server and ours behind our tracker"),
@@ -332,6 +404,23 @@ def main(flags: list[str]) -> int:
         "lower",
     )
     print(table.render(), flush=True)
+    cores = os.cpu_count() or 1
+    for baseline, what in (("stock", "stock's server behind ours"), ("all-stock", "all-stock")):
+        stock = figures[baseline]
+        table = Table(
+            f"server: CPU ms per session ({args.cpu_sessions} more sessions as timed above), "
+            f"{what} vs ours ({cores} cores: back to back, a session takes at least "
+            f"total/{cores} ms)"
+        )
+        for part, label in CPU_PARTS:
+            table.add(label, stock["cpu_" + part], ours["cpu_" + part], "lower")
+        table.add(
+            "total",
+            sum(stock["cpu_" + p] for p, _ in CPU_PARTS),
+            sum(ours["cpu_" + p] for p, _ in CPU_PARTS),
+            "lower",
+        )
+        print(table.render(), flush=True)
     print(LATENCY_METHOD, flush=True)
     target = "met" if ours["p50"] <= SESSION_TARGET_MS else "NOT met"
     print(
