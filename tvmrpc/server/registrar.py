@@ -183,9 +183,9 @@ class Registrar(service.Service):
     def _where(self) -> str:
         return f"tracker {self.tracker[0]}:{self.tracker[1]}"
 
-    def _info(self) -> dict[str, Any]:
+    def _info(self, extension: dict[str, Any] | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
-        self._sent_extension = self.extension()
+        self._sent_extension = extension if extension is not None else self.extension()
         if self._sent_extension is not None:
             info["tvmrpc"] = self._sent_extension
         return info
@@ -244,8 +244,10 @@ class Registrar(service.Service):
         self.matchkey = random_matchkey(self.key, self.old_keys)
         self._put_on = link
         self._missing_since = None
-        if self.extension() != self._sent_extension:
-            link.update_info(self._info()).addErrback(self._call_failed, link, "UPDATE_INFO")
+        extension = self.extension()
+        if extension != self._sent_extension:
+            info = self._info(extension)
+            link.update_info(info).addErrback(self._call_failed, link, "UPDATE_INFO")
         d = link.put(self.key, port, self.matchkey, self.custom_addr)
         d.addCallback(lambda _: self._put_done(link))
         d.addErrback(self._call_failed, link, "PUT")
