@@ -493,19 +493,25 @@ def test_immediate_writer_keeps_order_once_the_socket_would_block():
 # -- the handshake protocol, on a string transport -----------------------------------
 
 
-def _handshake(clock: Clock, matcher=lambda key: key == "k"):
-    board = Board(clock, FakeRuntime())
-    offered: list[object] = []
-    board.offer = offered.append  # type: ignore[method-assign]
-    factory = HandshakeFactory(clock, board, "k", matcher, handshake_timeout=5)
-    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5555))
-    proto.makeConnection(transport)
-    return proto, transport, offered
+@pytest.fixture
+def handshake(tmp_path):
+    """Builds a handshake protocol on a string transport; its board's dirs live in tmp_path."""
+
+    def make(clock: Clock, matcher=lambda key: key == "k"):
+        board = Board(clock, FakeRuntime(), workdir=str(tmp_path))
+        offered: list[object] = []
+        board.offer = offered.append  # type: ignore[method-assign]
+        factory = HandshakeFactory(clock, board, "k", matcher, handshake_timeout=5)
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5555))
+        proto.makeConnection(transport)
+        return proto, transport, offered
+
+    return make
 
 
-def test_handshake_accepted_key_waits_on_the_board_with_its_timeout():
-    proto, transport, offered = _handshake(Clock())
+def test_handshake_accepted_key_waits_on_the_board_with_its_timeout(handshake):
+    proto, transport, offered = handshake(Clock())
     data = encode_handshake("client:k -timeout=7")
     for i in range(len(data)):  # byte by byte, as a slow peer might send it
         proto.dataReceived(data[i : i + 1])
@@ -514,25 +520,25 @@ def test_handshake_accepted_key_waits_on_the_board_with_its_timeout():
     assert transport.value() == b""  # answered only when its session starts
 
 
-def test_handshake_mismatch_answers_and_closes():
-    proto, transport, offered = _handshake(Clock())
+def test_handshake_mismatch_answers_and_closes(handshake):
+    proto, transport, offered = handshake(Clock())
     proto.dataReceived(encode_handshake("client:other"))
     assert transport.value() == struct.pack("<i", RPC_CODE_MISMATCH)
     assert transport.disconnecting
     assert offered == []
 
 
-def test_handshake_bad_magic_closes_silently():
-    proto, transport, offered = _handshake(Clock())
+def test_handshake_bad_magic_closes_silently(handshake):
+    proto, transport, offered = handshake(Clock())
     proto.dataReceived(struct.pack("<i", RPC_MAGIC + 7))
     assert transport.value() == b""
     assert offered == []
     assert transport.disconnecting or transport.disconnected
 
 
-def test_handshake_stalled_peer_is_dropped_after_the_timeout():
+def test_handshake_stalled_peer_is_dropped_after_the_timeout(handshake):
     clock = Clock()
-    proto, transport, offered = _handshake(clock)
+    proto, transport, offered = handshake(clock)
     proto.dataReceived(encode_handshake("client:k")[:6])
     clock.advance(4.9)
     assert not (transport.disconnecting)
@@ -542,9 +548,9 @@ def test_handshake_stalled_peer_is_dropped_after_the_timeout():
     assert offered == []
 
 
-def test_handshake_timer_stops_once_complete():
+def test_handshake_timer_stops_once_complete(handshake):
     clock = Clock()
-    proto, _transport, offered = _handshake(clock)
+    proto, _transport, offered = handshake(clock)
     proto.dataReceived(encode_handshake("client:k"))
     assert clock.getDelayedCalls() == []
     assert offered == [proto]
