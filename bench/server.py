@@ -294,7 +294,7 @@ def measure(
 
     def cpu_run(key: str) -> None:
         name = name_of[key]
-        pids = [p.proc.pid for p in pairs[name]]
+        pids = [p.pid for p in pairs[name]]
         before = cpu_split(tracker_pid[name], pids)
         session_latency(port_of[key], key, args.cpu_sessions)
         after = cpu_split(tracker_pid[name], pids)
@@ -364,7 +364,7 @@ def main(flags: list[str]) -> int:
                 stock_tracker.port,
                 kernel,
                 args,
-                (tracker.proc.pid, stock_tracker.proc.pid),
+                (tracker.pid, stock_tracker.pid),
             )
     ours = figures["ours"]
     for baseline, what in (

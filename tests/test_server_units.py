@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IReactorThreads, ISystemHandle, IUNIXTransport
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -34,7 +33,6 @@ from tvmrpc.codec import (
 from tvmrpc.server import worker
 from tvmrpc.server.adapter import IDeviceRuntime, WorkerConfig, ZygoteRuntime
 from tvmrpc.server.board import Board
-from tvmrpc.server.handoff import ImmediateWriter
 from tvmrpc.server.handshake import HandshakeFactory
 from tvmrpc.server.registrar import Registrar
 from tvmrpc.server.service import Options, parse_hostport
@@ -429,65 +427,6 @@ def test_registrar_re_offers_with_update_info_and_put_in_one_round_trip(tmp_path
         sent = sent[4 + length :]
     assert codes == [TrackerCode.UPDATE_INFO, TrackerCode.PUT]  # before any answer
     registrar.stopService()
-
-
-# -- handing a session's socket to the zygote at once ---------------------------------
-
-
-@implementer(IUNIXTransport, ISystemHandle)
-class RecordingUNIXTransport:
-    """A UNIX transport's two faces the writer uses: its socket, and its queue (recorded)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.queued: list[tuple[str, object]] = []
-
-    def getHandle(self) -> socket.socket:
-        return self.sock
-
-    def sendFileDescriptor(self, fd: int) -> None:
-        self.queued.append(("fd", fd))
-
-    def write(self, data: bytes) -> None:
-        self.queued.append(("data", data))
-
-
-def test_immediate_writer_sends_line_and_fd_before_the_reactor_turns():
-    ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)  # as Twisted keeps it
-    session, client = socket.socketpair()
-    with ours, zygote, session, client:
-        transport = RecordingUNIXTransport(ours)
-        writer = ImmediateWriter(transport)
-        writer.write(b'{"cmd": "serve"}\n', session.fileno())
-        writer.write(b'{"cmd": "check"}\n')
-        assert transport.queued == []  # nothing waits for the reactor
-        data, fds, _flags, _addr = socket.recv_fds(zygote, 100, 1)
-        data += zygote.recv(100)
-        assert data == b'{"cmd": "serve"}\n{"cmd": "check"}\n'
-        assert len(fds) == 1
-        with socket.socket(fileno=fds[0]) as handed:  # the session's socket itself
-            handed.sendall(b"ping")
-            assert client.recv(4) == b"ping"
-
-
-def test_immediate_writer_keeps_order_once_the_socket_would_block():
-    ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ours.setblocking(False)
-    with ours, zygote:
-        filler = b"x" * 4096
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                ours.send(filler)
-        transport = RecordingUNIXTransport(ours)
-        writer = ImmediateWriter(transport)
-        writer.write(b"serve\n", 7)
-        assert transport.queued == [("fd", 7), ("data", b"serve\n")]
-        with contextlib.suppress(BlockingIOError):  # the zygote catches up
-            while zygote.recv(1 << 20, socket.MSG_DONTWAIT):
-                pass
-        writer.write(b"check\n")  # would fit now, but must not overtake the queue
-        assert transport.queued[-1] == ("data", b"check\n")
 
 
 # -- the handshake protocol, on a string transport -----------------------------------
