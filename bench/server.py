@@ -10,8 +10,8 @@ Figures, each measured the same way against both:
   each phase of the same session timed on its own, p50 (:func:`session_phases`),
   and the CPU each process spent per session in a separate run of the same
   sessions (:func:`cpu_split`; /proc counts CPU in 10 ms ticks, so it takes
-  many sessions): back to back, a session cannot take less wall time than
-  its CPU divided by the machine's cores.
+  many sessions): back to back, sessions cannot take less wall time on
+  average than their CPU divided by the machine's cores.
 - back-to-back sessions/s: 4 client processes x 25 sessions (request, upload a
   compiled kernel, load it, ``time_evaluator``, close) against 2 servers;
 - 64 MiB upload and download MB/s over one session.
@@ -413,7 +413,7 @@ def main(flags: list[str]) -> int:
         stock = figures[baseline]
         table = Table(
             f"server: CPU ms per session ({args.cpu_sessions} more sessions as timed above), "
-            f"{what} vs ours ({cores} cores: back to back, a session takes at least "
+            f"{what} vs ours ({cores} cores: back to back, sessions average at least "
             f"total/{cores} ms)"
         )
         for part, label in CPU_PARTS:
