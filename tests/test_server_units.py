@@ -499,3 +499,25 @@ def test_worker_module_imports_no_twisted(tmp_path: Path):
     code = "import sys, tvmrpc.server.worker; print('twisted' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_zygote_output_is_logged_as_whole_nonblank_lines(monkeypatch):
+    """Reads split the zygote's output anywhere; the log gets whole lines, no blank ones."""
+    from twisted.logger import Logger
+
+    from tvmrpc.server import adapter
+
+    events: list[dict] = []
+    monkeypatch.setattr(adapter, "log", Logger(observer=events.append))
+    proc = adapter._ZygoteProcess(runtime=None)  # type: ignore[arg-type]
+    proc.outReceived(b"Download 1 KiB\n\nhal")
+    proc.errReceived(b"warning: x\n")
+    proc.outReceived(b"f a line\n")
+    proc._lines(1, b"no newline yet")
+    proc._lines(1, b"\n")
+    assert [e["line"] for e in events] == [
+        "Download 1 KiB",
+        "warning: x",
+        "half a line",
+        "no newline yet",
+    ]

@@ -141,17 +141,39 @@ class _Control(LineOnlyReceiver):
 class _ZygoteProcess(protocol.ProcessProtocol):
     """Forwards the zygote's output to our log and tells the runtime when it exits."""
 
+    #: A line longer than this is logged in pieces (a runaway print cannot grow us).
+    MAX_LINE = 64 * 1024
+
     def __init__(self, runtime: ZygoteRuntime) -> None:
         self.runtime = runtime
         self.ended: defer.Deferred[None] = defer.Deferred()
+        #: The unfinished last line of stdout (1) and stderr (2).
+        self._partial: dict[int, bytes] = {1: b"", 2: b""}
 
     def outReceived(self, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            log.info("worker: {line}", line=line)
+        self._lines(1, data)
 
-    errReceived = outReceived
+    def errReceived(self, data: bytes) -> None:
+        self._lines(2, data)
+
+    def _lines(self, fd: int, data: bytes) -> None:
+        """Log whole lines, skipping blank ones; reads split lines anywhere."""
+        *lines, rest = (self._partial[fd] + data).split(b"\n")
+        if len(rest) > self.MAX_LINE:
+            lines.append(rest)
+            rest = b""
+        self._partial[fd] = rest
+        for line in lines:
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                log.info("worker: {line}", line=text)
 
     def processEnded(self, reason: Failure) -> None:
+        for fd in (1, 2):
+            self._lines(fd, b"\n")
+        self._process_ended(reason)
+
+    def _process_ended(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         signum = getattr(reason.value, "signal", None)
         self.ended.callback(None)
