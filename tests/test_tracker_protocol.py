@@ -13,7 +13,13 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 
 from tvmrpc.codec import TRACKER_MAGIC, FrameDecoder, encode_frame, encode_int32
-from tvmrpc.tracker.protocol import FRAMES_PER_TURN, MAX_WAITING_REQUESTS, TrackerFactory
+from tvmrpc.tracker.protocol import (
+    FRAMES_PER_TURN,
+    MAX_WAITING_REQUESTS,
+    Phase,
+    PhaseError,
+    TrackerFactory,
+)
 
 MAGIC = encode_int32(TRACKER_MAGIC)
 
@@ -141,7 +147,7 @@ def test_closed_connections_leave_nothing_behind(factory):
 
 def test_stop_needs_the_key():
     stopped = []
-    factory = TrackerFactory(stop_key="s3cret", on_stop=lambda: stopped.append(True))
+    factory = TrackerFactory(stop_key="s3cret", on_stop=lambda: stopped.append(True), clock=Clock())
     peer = Peer(factory, "10.0.0.1")
     assert peer.send([2, "wrong"]) == [-1]
     assert not peer.closed
@@ -151,7 +157,7 @@ def test_stop_needs_the_key():
 
 
 def test_stop_refused_without_configured_key():
-    factory = TrackerFactory()
+    factory = TrackerFactory(clock=Clock())
     peer = Peer(factory, "10.0.0.1")
     assert peer.send([2, None]) == [-1]
     assert peer.send([2, ""]) == [-1]
@@ -414,7 +420,7 @@ def test_refusals_are_logged_once_a_minute_per_connection(clock_factory):
         factory.clock.advance(60)
         assert peer.send(bad)[0][0] == -1
         assert Peer(factory, "10.0.0.67").send(bad)[0][0] == -1  # its own first report
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "tvmrpc.tracker"]
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "tvmrpc.tracker.protocol"]
     assert lines == [
         "refused a request from 10.0.0.66: REQUEST key 'bad key' has whitespace or control "
         "characters",
@@ -472,3 +478,49 @@ def test_summary_frame_is_the_json_of_the_summary_as_state_changes(clock_factory
     summary = FrameDecoder().feed(frame)[0][1]
     assert summary["queue_info"]["rk"]["free"] == 1
     assert [s["addr"][1] for s in summary["server_info"]] == [9090, 9092]
+
+
+def test_connections_still_greeting_share_one_timer():
+    clock = Clock()
+    factory = TrackerFactory(clock=clock, handshake_timeout=5)
+    silent = []
+    for i in range(20):  # one every 0.25 s: deadlines at 5, 5.25, ..., 9.75
+        if i:
+            clock.advance(0.25)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", f"10.0.3.{i}", 1))
+        proto = factory.buildProtocol(transport.getPeer())
+        proto.makeConnection(transport)
+        silent.append(transport)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(7.25 - clock.seconds())
+    assert [t.disconnecting for t in silent] == [True] * 10 + [False] * 10
+    clock.advance(2.5)
+    assert all(t.disconnecting for t in silent)
+    assert factory.connections == {}
+    assert clock.getDelayedCalls() == []
+
+
+def test_phases_only_change_as_the_table_says(clock_factory):
+    peer = Peer(clock_factory, "10.0.0.1")
+    assert peer.proto.phase is Phase.SERVING
+    with pytest.raises(PhaseError, match="cannot go from SERVING to GREETING"):
+        peer.proto._enter(Phase.GREETING)
+    peer.close()
+    assert peer.proto.phase is Phase.CLOSED
+    with pytest.raises(PhaseError, match="cannot go from CLOSED to SERVING"):
+        peer.proto._enter(Phase.SERVING)
+    peer.proto.dataReceived(encode_frame([1]))  # a late read after the close is ignored
+    assert peer.replies() == []
+
+
+def test_an_accepted_stop_stops_the_tracker_once_the_connection_is_gone():
+    stopped = []
+    factory = TrackerFactory(stop_key="k", on_stop=lambda: stopped.append(True), clock=Clock())
+    peer = Peer(factory, "10.0.0.1")
+    assert peer.send([2, "k"], [1]) == [0]  # the PING after STOP is not handled
+    assert peer.proto.phase is Phase.STOPPING
+    assert peer.closed
+    assert stopped == []
+    peer.proto.stopProducing()  # the transport going away reports both
+    peer.close()
+    assert stopped == [True]

@@ -111,7 +111,9 @@ class BoardRules:
         if not isinstance(report, dict):
             return []
         sessions = _count(report.get("sessions"))
-        health = report.get("health") if isinstance(report.get("health"), dict) else {}
+        health = report.get("health")
+        if not isinstance(health, dict):
+            health = {}
         checks = _count(health.get("checks"))
         seen_sessions, seen_checks = self._seen.get(board, (0, 0))
         counted = []

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from ..codec.keys import MAX_KEY_CHARS, key_problem
@@ -92,6 +93,7 @@ def nesting_depth(value: Any, limit: int) -> int:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

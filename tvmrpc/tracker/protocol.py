@@ -10,7 +10,12 @@ Invariants:
   ``[FAIL, reason]`` (logged at warn with the peer, at most once a minute
   per connection with a count of the others); the connection stays.
 - A connection that does not send the tracker magic within the handshake
-  timeout is closed.
+  timeout is closed. One timer serves every connection still greeting
+  (:class:`~.deadlines.Deadlines`), none is kept per connection.
+- A connection's life is its :class:`Phase`: GREETING, then SERVING, then
+  CLOSED (or STOPPING, after an accepted STOP: the tracker stops once that
+  connection is gone). Only the transitions in :data:`TRANSITIONS` happen;
+  any other raises :class:`PhaseError`. Frames are handled only while SERVING.
 - Flow control: each connection is a streaming producer on its transport.
   While its unsent replies exceed the transport's buffer (64 KiB), it reads
   nothing and handles none of the frames it already received; at most
@@ -35,56 +40,46 @@ Invariants:
   only when some connection's info changes, the queue counts whenever the
   scheduler's state changes; the frame is the two joined, byte for byte what
   ``json.dumps`` makes of the whole.
+- Logging: a board joining or leaving (UPDATE_INFO with a ``server`` key,
+  its connection closing), STOP and quarantine are info; refusals and bad
+  input warn; per-request events (``--verbose``: PUT, REQUEST, assignment)
+  and closing a connection that never greeted are debug.
+- Memory: a connection's state is a fixed set of slots (no instance dict),
+  and containers it may never need (board keys, refusal counter, decoder
+  buffer) are made on first use: at 10,000 boards every byte here counts
+  10,000 times (docs/tracker.md, "At scale").
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+import attrs
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import boardauth, boardtls, sockopts
-from ..codec import (
-    MAX_FRAME_BYTES,
-    NO_FRAME,
-    TRACKER_MAGIC,
-    CodecError,
-    FrameDecoder,
-    MagicDecoder,
-    TrackerCode,
-    encode_frame,
-    encode_int32,
-)
+from ..codec.constants import MAX_FRAME_BYTES, TRACKER_MAGIC, TrackerCode
+from ..codec.errors import CodecError
+from ..codec.frames import NO_FRAME, FrameDecoder, MagicDecoder, encode_frame, encode_int32
 from ..listening import Network, address_in
 from ..ratelimit import RateLimit
 from ..status.hooks import NULL_TRACKER
 from ..status.refusals import REFUSED
+from . import commands as cmd
 from .boards import BoardState
-from .commands import (
-    BoardAuth,
-    BoardChallenge,
-    CommandError,
-    GetPendingMatchkeys,
-    Ping,
-    Put,
-    RefusedError,
-    RequestResource,
-    Stop,
-    Summary,
-    UpdateInfo,
-    parse_command,
-)
+from .deadlines import Deadlines
 from .estimates import HoldTracker, WaitEstimator
 from .scheduler import Assignment, Scheduler, board_name
 
-log = Logger(namespace="tvmrpc.tracker")
+log = Logger()
 
 #: Seconds a new connection may take to send the tracker magic.
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
@@ -94,6 +89,7 @@ FRAMES_PER_TURN = 128
 MAX_WAITING_REQUESTS = 1024
 #: Seconds between two warnings about refused requests of one connection.
 REFUSAL_LOG_INTERVAL = 60.0
+_NO_SECRET = "this tracker has no --board-secret-file"
 
 
 class Phase(enum.Enum):
@@ -101,48 +97,96 @@ class Phase(enum.Enum):
 
     GREETING = "waiting for the tracker magic"
     SERVING = "serving requests"
+    STOPPING = "closing after an accepted STOP"
     CLOSED = "closing or closed"
+
+
+#: The phase changes that can happen; anything else is a bug (:class:`PhaseError`).
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.GREETING: frozenset({Phase.SERVING, Phase.CLOSED}),
+    Phase.SERVING: frozenset({Phase.STOPPING, Phase.CLOSED}),
+    Phase.STOPPING: frozenset({Phase.STOPPING}),  # the transport reporting the close
+    Phase.CLOSED: frozenset({Phase.CLOSED}),
+}
+
+
+class PhaseError(RuntimeError):
+    """An event that cannot happen in the connection's current phase."""
 
 
 # Module-level names for the per-frame checks: an enum class attribute costs
 # ten times a global lookup, and the tracker checks the phase on every read.
-_GREETING, _SERVING, _CLOSED = Phase.GREETING, Phase.SERVING, Phase.CLOSED
+_GREETING, _SERVING, _STOPPING, _CLOSED = (
+    Phase.GREETING,
+    Phase.SERVING,
+    Phase.STOPPING,
+    Phase.CLOSED,
+)
 #: The decoder of a connection not made yet (holds nothing; ``clear`` is harmless).
 _NO_DECODER = FrameDecoder()
+
+
+class ITrackerTransport(ITCPTransport, IConsumer, IPushProducer):
+    """What the tracker needs of its transport: TCP, a consumer of its replies
+    (it registers itself as their producer) and a producer of its requests."""
 
 
 @implementer(IPushProducer)
 class TrackerProtocol(Protocol):
     """Serves one tracker connection (a server, a proxy or a client)."""
 
+    __slots__ = (
+        "_board_keys",
+        "_decoder",
+        "_greeting",
+        "_nonce",
+        "_reading_paused",
+        "_refusals",
+        "_turn",
+        "_write_paused",
+        "board_trusted",
+        "connected",
+        "factory",
+        "info",
+        "peer_host",
+        "phase",
+        "transport",
+    )
+
     factory: TrackerFactory
+    transport: ITrackerTransport
 
     def __init__(self) -> None:
+        self.connected = 0
         self.info: dict[str, Any] = {}
         self.peer_host = "?"
-        self.phase = Phase.GREETING
+        self.phase = _GREETING
         self._greeting: MagicDecoder | None = MagicDecoder()  # dropped once greeted
-        self._decoder = _NO_DECODER  # its own from connectionMade (memory at 10,000 boards)
-        self._stop_requested = False
+        self._decoder = _NO_DECODER  # its own from connectionMade
         self._write_paused = False  # the transport's write buffer is over its bound
         self._reading_paused = False  # we told the transport to stop reading
         self._turn: Any = None  # DelayedCall that continues a backlog
-        self._handshake_timer: Any = None
         self._refusals: RateLimit | None = None
         #: Registration needs no proof (no secret, or an --allow-board-from peer).
         self.board_trusted = True
         self._nonce: str | None = None
-        self._board_keys: set[str] = set()
+        self._board_keys: set[str] | None = None  # keys proved with the board secret
 
     def __repr__(self) -> str:
         return f"<tracker connection {self.peer_host} {self.info.get('key', '')}>"
+
+    def _enter(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise PhaseError(f"{self!r}: cannot go from {self.phase.name} to {phase.name}")
+        self.phase = phase
 
     # -- Protocol -------------------------------------------------------------
 
     def connectionMade(self) -> None:
         factory = self.factory
         peer = self.transport.getPeer()
-        self.peer_host = getattr(peer, "host", str(peer))
+        # One string object per address, shared by everything that keeps it.
+        self.peer_host = sys.intern(str(getattr(peer, "host", peer)))
         if factory.board_auth:
             self.board_trusted = address_in(self.peer_host, factory.allow_board_from)
         self._decoder = FrameDecoder(factory.max_frame_bytes)
@@ -151,45 +195,50 @@ class TrackerProtocol(Protocol):
         factory.connections[self] = None
         factory.observer.connected(self)
         self.transport.registerProducer(self, True)
-        self._handshake_timer = factory.clock.callLater(
-            factory.handshake_timeout, self._handshake_timed_out
-        )
+        factory.greeting.add(self)
 
     def dataReceived(self, data: bytes) -> None:
         phase = self.phase
-        if phase is _CLOSED:
-            return
-        sockopts.quickack(self.transport)
-        if phase is _GREETING:
-            greeting = self._greeting.feed(data)  # type: ignore[union-attr]
+        if phase is _SERVING:
+            sockopts.quickack(self.transport)
+        elif phase is _GREETING:
+            sockopts.quickack(self.transport)
+            greeting = self._greeting.feed(data)  # type: ignore[union-attr]  # set until greeted
             if greeting is None:
                 return
-            self._greeting = None
-            self._cancel_handshake_timer()
             magic, data = greeting
-            if magic != TRACKER_MAGIC:
-                self._reject(f"bad tracker magic {magic:#x}")
+            if not self._greeted(magic):
                 return
-            self.phase = _SERVING
-            self.transport.write(encode_int32(TRACKER_MAGIC))
-            if not self.board_trusted:  # data came through TLS: a client certificate is known
-                who = f"tracker connection from {self.peer_host}"
-                self.board_trusted = boardtls.admitted(self.transport, who)
+        else:
+            return
         self._decoder.append(data)
         self._serve()
 
+    def _greeted(self, magic: int) -> bool:
+        """The magic arrived: serve if it is the tracker's, else close."""
+        self._greeting = None
+        self.factory.greeting.discard(self)
+        if magic != TRACKER_MAGIC:
+            self._reject(f"bad tracker magic {magic:#x}")
+            return False
+        self._enter(_SERVING)
+        self.transport.write(encode_int32(TRACKER_MAGIC))
+        if not self.board_trusted:  # data came through TLS: a client certificate is known
+            who = f"tracker connection from {self.peer_host}"
+            self.board_trusted = boardtls.admitted(self.transport, who)
+        return True
+
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._shut()
-        self.factory.forget(self)
-        self.factory.observer.disconnected(self)
-        if self.info.get("key", "").startswith("server"):
-            log.info(
-                "{key} at {host} disconnected",
-                key=self.info["key"],
-                host=self.peer_host,
-            )
-        if self._stop_requested:
-            self.factory.on_stop()
+        stopping = self.phase is _STOPPING
+        self._shut(_STOPPING if stopping else _CLOSED)
+        factory = self.factory
+        factory.forget(self)
+        factory.observer.disconnected(self)
+        key = self.info.get("key", "")
+        if key.startswith("server"):
+            log.info("{key} at {host} disconnected", key=key, host=self.peer_host)
+        if stopping:
+            factory.on_stop()
 
     # -- IPushProducer (called by the transport) --------------------------------
 
@@ -206,7 +255,7 @@ class TrackerProtocol(Protocol):
 
     def stopProducing(self) -> None:
         """The transport is gone: drop every frame not handled yet."""
-        self._shut()
+        self._shut(_STOPPING if self.phase is _STOPPING else _CLOSED)
 
     # -- flow control ----------------------------------------------------------
 
@@ -230,11 +279,11 @@ class TrackerProtocol(Protocol):
                 return
             budget -= 1
             try:
-                command = parse_command(frame)
-            except RefusedError as exc:
+                command = cmd.parse_command(frame)
+            except cmd.RefusedError as exc:
                 self._refuse(str(exc))
                 continue
-            except CommandError as exc:
+            except cmd.CommandError as exc:
                 self._reject(str(exc))
                 return
             self._handle(command)
@@ -255,107 +304,128 @@ class TrackerProtocol(Protocol):
 
     # -- requests -------------------------------------------------------------
 
-    def _handle(self, command: Any) -> None:
+    def _handle(self, command: cmd.Command) -> None:
+        """One handler per command (the commonest first)."""
+        match command:
+            case cmd.RequestResource():
+                self._request(command)
+            case cmd.Put():
+                self._put(command)
+            case cmd.Ping():
+                self.reply(TrackerCode.SUCCESS)
+            case cmd.GetPendingMatchkeys():
+                self.reply(self.factory.scheduler.pending_matchkeys(self))
+            case cmd.Summary(extended=True):  # expected waits change with time: never cached
+                self.reply([TrackerCode.SUCCESS, self.factory.summary(extended=True)])
+            case cmd.Summary():
+                self.transport.write(self.factory.summary_frame())
+            case cmd.UpdateInfo():
+                self._update_info(command)
+            case cmd.BoardChallenge():
+                self._board_challenge()
+            case cmd.BoardAuth():
+                self._board_auth(command)
+            case cmd.Stop():
+                self._stop(command)
+
+    def _request(self, command: cmd.RequestResource) -> None:
         factory = self.factory
-        if isinstance(command, RequestResource):
-            if factory.scheduler.waiting_requests(self) >= MAX_WAITING_REQUESTS:
-                self._refuse(
-                    f"this connection already has {MAX_WAITING_REQUESTS} requests waiting "
-                    f"(at most {MAX_WAITING_REQUESTS}; stock clients wait for each answer)"
-                )
-                return
-            if factory.verbose:
-                log.info(
-                    "{host} requests {key} (priority {priority})",
-                    host=self.peer_host,
-                    key=command.key,
-                    priority=command.priority,
-                )
-            request, assignments = factory.scheduler.request(
-                command.key, command.user, command.priority, self, host=self.peer_host
+        if factory.scheduler.waiting_requests(self) >= MAX_WAITING_REQUESTS:
+            self._refuse(
+                f"this connection already has {MAX_WAITING_REQUESTS} requests waiting "
+                f"(at most {MAX_WAITING_REQUESTS}; stock clients wait for each answer)"
             )
-            factory.observer.requested(request)
-            factory.deliver(assignments)
-        elif isinstance(command, Put):
-            if not self.board_trusted and command.key not in self._board_keys:
-                self._refuse_board(f"PUT {command.key}")
-                return
-            addr = command.custom_addr if command.custom_addr is not None else self.peer_host
-            if factory.verbose:
-                log.info(
-                    "{host} put {matchkey} under {key} at {addr}:{port}",
-                    host=self.peer_host,
-                    matchkey=command.matchkey,
-                    key=command.key,
-                    addr=addr,
-                    port=command.port,
-                )
-            factory.board_free_again(self)
-            assignments = factory.scheduler.put(
-                command.key, addr, command.port, command.matchkey, self
+            return
+        if factory.verbose:
+            log.debug(
+                "{host} requests {key} (priority {priority})",
+                host=self.peer_host,
+                key=command.key,
+                priority=command.priority,
             )
-            factory.observer.put(self, command.key, command.matchkey, addr, command.port)
-            self.reply(TrackerCode.SUCCESS)
-            factory.deliver(assignments)
-        elif isinstance(command, Ping):
-            self.reply(TrackerCode.SUCCESS)
-        elif isinstance(command, GetPendingMatchkeys):
-            self.reply(factory.scheduler.pending_matchkeys(self))
-        elif isinstance(command, Summary):
-            if command.extended:  # expected waits change with time: never cached
-                self.reply([TrackerCode.SUCCESS, factory.summary(extended=True)])
-            else:
-                self.transport.write(factory.summary_frame())
-        elif isinstance(command, UpdateInfo):
-            info = dict(command.info)
-            if (
-                not self.board_trusted
-                and not self._board_keys
-                and str(info.get("key", "")).startswith("server")
-            ):
-                self._refuse_board(f"UPDATE_INFO {info['key']}")
-                return
-            addr = info.get("addr")
-            if addr is not None and addr[0] is None:
-                info["addr"] = [self.peer_host, addr[1]]
+        request, assignments = factory.scheduler.request(
+            command.key, command.user, command.priority, self, host=self.peer_host
+        )
+        factory.observer.requested(request)
+        factory.deliver(assignments)
+
+    def _put(self, command: cmd.Put) -> None:
+        factory = self.factory
+        if not self.board_trusted and command.key not in (self._board_keys or ()):
+            self._refuse_board(f"PUT {command.key}")
+            return
+        addr = command.custom_addr if command.custom_addr is not None else self.peer_host
+        if factory.verbose:
+            log.debug(
+                "{host} put {matchkey} under {key} at {addr}:{port}",
+                host=self.peer_host,
+                matchkey=command.matchkey,
+                key=command.key,
+                addr=addr,
+                port=command.port,
+            )
+        factory.board_free_again(self)
+        assignments = factory.scheduler.put(command.key, addr, command.port, command.matchkey, self)
+        factory.observer.put(self, command.key, command.matchkey, addr, command.port)
+        self.reply(TrackerCode.SUCCESS)
+        factory.deliver(assignments)
+
+    def _update_info(self, command: cmd.UpdateInfo) -> None:
+        factory = self.factory
+        info = command.info  # cleaned and made for this request: ours to keep
+        registers = str(info.get("key", "")).startswith("server")
+        if registers and not self.board_trusted and not self._board_keys:
+            self._refuse_board(f"UPDATE_INFO {info['key']}")
+            return
+        addr = info.get("addr")
+        if addr is not None and addr[0] is None:
+            addr[0] = self.peer_host
+        if self.info:
             self.info.update(info)
-            factory.info_changed()
-            factory.observer.info_updated(self, info)
-            if str(info.get("key", "")).startswith("server"):
-                log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
+        else:
+            self.info = info
+        factory.info_changed()
+        factory.observer.info_updated(self, info)
+        if registers:
+            log.info("{key} registered from {host}", key=info["key"], host=self.peer_host)
+        self.reply(TrackerCode.SUCCESS)
+        factory.server_report(self)
+
+    def _board_challenge(self) -> None:
+        if self.factory.board_secret is None:
+            self.reply([TrackerCode.FAIL, _NO_SECRET])
+            return
+        if self._nonce is None:
+            self._nonce = boardauth.new_nonce()
+        self.reply([TrackerCode.SUCCESS, self._nonce])
+
+    def _board_auth(self, command: cmd.BoardAuth) -> None:
+        secret = self.factory.board_secret
+        if secret is None:
+            self.reply([TrackerCode.FAIL, _NO_SECRET])
+        elif boardauth.verify(
+            secret, boardauth.LABEL_TRACKER, self._nonce, command.key, command.proof
+        ):
+            if self._board_keys is None:
+                self._board_keys = set()
+            self._board_keys.add(command.key)
             self.reply(TrackerCode.SUCCESS)
-            factory.server_report(self)
-        elif isinstance(command, BoardChallenge):
-            if factory.board_secret is None:
-                self.reply([TrackerCode.FAIL, "this tracker has no --board-secret-file"])
-                return
-            if self._nonce is None:
-                self._nonce = boardauth.new_nonce()
-            self.reply([TrackerCode.SUCCESS, self._nonce])
-        elif isinstance(command, BoardAuth):
-            secret = factory.board_secret
-            if secret is None:
-                self.reply([TrackerCode.FAIL, "this tracker has no --board-secret-file"])
-            elif boardauth.verify(
-                secret, boardauth.LABEL_TRACKER, self._nonce, command.key, command.proof
-            ):
-                self._board_keys.add(command.key)
-                self.reply(TrackerCode.SUCCESS)
-            else:
-                REFUSED.add("board auth")
-                self._refuse(
-                    f"bad board proof for {command.key} (a wrong --board-secret-file, "
-                    "or a proof not made for this connection's nonce)"
-                )
-        elif isinstance(command, Stop):
-            if factory.stop_key is not None and command.stop_key == factory.stop_key:
-                log.info("stop requested by {host}", host=self.peer_host)
-                self.reply(TrackerCode.SUCCESS)
-                self._stop_requested = True
-                self._close()
-            else:
-                log.warn("refused STOP from {host}: wrong or no stop key", host=self.peer_host)
-                self.reply(TrackerCode.FAIL)
+        else:
+            REFUSED.add("board auth")
+            self._refuse(
+                f"bad board proof for {command.key} (a wrong --board-secret-file, "
+                "or a proof not made for this connection's nonce)"
+            )
+
+    def _stop(self, command: cmd.Stop) -> None:
+        stop_key = self.factory.stop_key
+        if stop_key is not None and command.stop_key == stop_key:
+            log.info("stop requested by {host}", host=self.peer_host)
+            self.reply(TrackerCode.SUCCESS)
+            self._close(_STOPPING)
+        else:
+            log.warn("refused STOP from {host}: wrong or no stop key", host=self.peer_host)
+            self.reply(TrackerCode.FAIL)
 
     def reply(self, value: Any) -> None:
         """Write one reply frame."""
@@ -391,9 +461,9 @@ class TrackerProtocol(Protocol):
             "client certificate at an mtls: port"
         )
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        log.info(
+    def handshake_timed_out(self) -> None:
+        """No tracker magic within the handshake timeout (called by the factory)."""
+        log.debug(
             "closing tracker connection from {host}: no tracker magic within {timeout:g} s",
             host=self.peer_host,
             timeout=self.factory.handshake_timeout,
@@ -407,78 +477,75 @@ class TrackerProtocol(Protocol):
         self.factory.observer.bad_frame(self, reason)
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, phase: Phase = _CLOSED) -> None:
         """Stop serving, drop this connection's state and close it after its replies."""
-        self._shut()
+        self._shut(phase)
         self.factory.forget(self)
         # A transport with a registered producer never closes: unregister first.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
-    def _shut(self) -> None:
-        """Enter CLOSED: no more frames handled, timers cancelled, buffers dropped."""
-        self.phase = _CLOSED
-        self._cancel_handshake_timer()
+    def _shut(self, phase: Phase) -> None:
+        """Enter ``phase`` (CLOSED or STOPPING): no more frames, no timers, no buffers."""
+        self._enter(phase)
+        self.factory.greeting.discard(self)
+        self._greeting = None
         if self._turn is not None:
             if self._turn.active():
                 self._turn.cancel()
             self._turn = None
         self._decoder.clear()
 
-    def _cancel_handshake_timer(self) -> None:
-        timer, self._handshake_timer = self._handshake_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+
+def _handshake_timed_out(conn: TrackerProtocol) -> None:
+    conn.handshake_timed_out()
 
 
-class TrackerFactory(Factory):
+@attrs.define(kw_only=True, eq=False, slots=False)
+class TrackerFactory(Factory[TrackerProtocol]):
     """Holds the tracker's state: the scheduler and the live connections."""
 
     protocol = TrackerProtocol
 
-    def __init__(
-        self,
-        stop_key: str | None = None,
-        on_stop: Callable[[], None] | None = None,
-        max_frame_bytes: int = MAX_FRAME_BYTES,
-        verbose: bool = False,
-        scheduler: Scheduler | None = None,
-        clock: IReactorTime | None = None,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        frames_per_turn: int = FRAMES_PER_TURN,
-        observer: Any = NULL_TRACKER,
-        board_secret: bytes | None = None,
-        allow_board_from: tuple[Network, ...] = (),
-        keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-        board_auth: bool | None = None,
-    ) -> None:
-        self.keepalive = keepalive
-        #: With a secret, board registration needs a proof (docs/security.md).
-        self.board_secret = board_secret
-        #: Registration needs a proof: the secret's, a client certificate (mtls:) or
-        #: an --allow-board-from address (default: with a secret).
-        self.board_auth = board_secret is not None if board_auth is None else board_auth
-        self.allow_board_from = tuple(allow_board_from)
-        #: Told of connections, requests, PUTs, assignments and registrations (tvmrpc.status).
-        self.observer = observer
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self.clock = clock
-        self.scheduler = scheduler if scheduler is not None else Scheduler()
-        self.holds = HoldTracker()
-        self.waits = WaitEstimator()
+    #: The reactor's time and timers (a ``task.Clock`` in tests).
+    clock: IReactorTime
+    stop_key: str | None = None
+    on_stop: Callable[[], None] = lambda: None
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    verbose: bool = False
+    scheduler: Scheduler = attrs.Factory(Scheduler)
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    frames_per_turn: int = FRAMES_PER_TURN
+    #: Told of connections, requests, PUTs, assignments and registrations (tvmrpc.status).
+    observer: Any = NULL_TRACKER
+    #: With a secret, board registration needs a proof (docs/security.md).
+    board_secret: bytes | None = None
+    allow_board_from: tuple[Network, ...] = attrs.field(default=(), converter=tuple)
+    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE
+    #: Registration needs a proof: the secret's, a client certificate (mtls:) or
+    #: an --allow-board-from address (default, ``None``: with a secret).
+    board_auth: bool | None = None
+
+    holds: HoldTracker = attrs.field(init=False, factory=HoldTracker)
+    waits: WaitEstimator = attrs.field(init=False, factory=WaitEstimator)
+    connections: dict[TrackerProtocol, None] = attrs.field(init=False, factory=dict)
+    #: Connections that have not sent the tracker magic yet, on one timer.
+    greeting: Deadlines = attrs.field(init=False)
+    _info_generation: int = attrs.field(init=False, default=0)
+    _summary_cache: tuple[tuple[int, int], bytes] | None = attrs.field(init=False, default=None)
+    _servers_cache: tuple[int, bytes] | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.board_auth is None:
+            self.board_auth = self.board_secret is not None
+        self.greeting = Deadlines(self.clock, self.handshake_timeout, _handshake_timed_out)
         # A key that leaves the tracker takes its hold-time statistics with it.
         self.scheduler.on_forget = self.waits.forget
-        self.connections: dict[TrackerProtocol, None] = {}
-        self.stop_key = stop_key
-        self.on_stop = on_stop or (lambda: None)
-        self.max_frame_bytes = max_frame_bytes
-        self.verbose = verbose
-        self.handshake_timeout = handshake_timeout
-        self.frames_per_turn = frames_per_turn
-        self._info_generation = 0
-        self._summary_cache: tuple[tuple[int, int], bytes] | None = None
-        self._servers_cache: tuple[int, bytes] | None = None
+
+    def doStop(self) -> None:
+        """The last port closed: no handshake timer outlives it."""
+        super().doStop()
+        self.greeting.stop()
 
     def forget(self, conn: TrackerProtocol) -> None:
         """Drop a connection's requests and resources (idempotent)."""
@@ -536,17 +603,15 @@ class TrackerFactory(Factory):
         """Send each assigned resource to the connection that requested it."""
         now = self.clock.seconds()
         for assignment in assignments:
-            conn = assignment.request.owner
+            conn: TrackerProtocol = assignment.request.owner  # type: ignore[assignment]
             resource = assignment.resource
             self.holds.start(resource.owner, resource.key, resource.board, now)
             self.observer.assigned(assignment)
             if self.verbose:
-                log.info(
-                    "assigned {matchkey} to {host}",
-                    matchkey=assignment.resource.matchkey,
-                    host=conn.peer_host,
+                log.debug(
+                    "assigned {matchkey} to {host}", matchkey=resource.matchkey, host=conn.peer_host
                 )
-            conn.reply([TrackerCode.SUCCESS, assignment.resource.value()])
+            conn.reply([TrackerCode.SUCCESS, resource.value()])
 
     def summary(self, extended: bool = False) -> dict[str, Any]:
         """The SUMMARY payload, shaped exactly as stock's.
@@ -555,7 +620,10 @@ class TrackerFactory(Factory):
         trackers answer as a plain SUMMARY) adds our ``"tvmrpc"`` field:
         each key's expected wait in seconds (``null`` while unknown).
         """
-        summary = {"queue_info": self.scheduler.queue_info(), "server_info": self._servers()}
+        summary: dict[str, Any] = {
+            "queue_info": self.scheduler.queue_info(),
+            "server_info": self._servers(),
+        }
         if extended:
             summary["tvmrpc"] = {"expected_wait_seconds": self.expected_waits()}
         return summary

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import attrs
 
@@ -34,25 +34,28 @@ class Waiting(Protocol):
     live: bool
 
 
-class RequestQueue(Protocol):
-    def push(self, request: Waiting) -> None: ...
-    def pop(self) -> Waiting | None: ...
-    def cancel(self, request: Waiting) -> None: ...
+W = TypeVar("W", bound=Waiting)
+
+
+class RequestQueue(Protocol[W]):
+    def push(self, request: W) -> None: ...
+    def pop(self) -> W | None: ...
+    def cancel(self, request: W) -> None: ...
     def __len__(self) -> int: ...
 
 
 @attrs.define
-class PriorityFifo:
+class PriorityFifo(Generic[W]):
     """Stock's order: a heap on (-priority, arrival)."""
 
-    _heap: list[tuple[float, int, Waiting]] = attrs.Factory(list)
+    _heap: list[tuple[float, int, W]] = attrs.Factory(list)
     _live: int = 0
 
-    def push(self, request: Waiting) -> None:
+    def push(self, request: W) -> None:
         heapq.heappush(self._heap, (-request.priority, request.seq, request))
         self._live += 1
 
-    def pop(self) -> Waiting | None:
+    def pop(self) -> W | None:
         while self._heap:
             _, _, request = heapq.heappop(self._heap)
             if request.live:
@@ -60,7 +63,7 @@ class PriorityFifo:
                 return request
         return None
 
-    def cancel(self, request: Waiting) -> None:
+    def cancel(self, request: W) -> None:
         """Count ``request`` (already marked not live) out; compact when worthwhile."""
         self._live -= 1
         if len(self._heap) > 2 * self._live + 64:
@@ -72,7 +75,7 @@ class PriorityFifo:
 
 
 @attrs.define
-class FairShare:
+class FairShare(Generic[W]):
     """Priority first; within a priority, round-robin over hosts, FIFO per host.
 
     ``_levels`` maps a priority to an ordered dict host -> deque of requests;
@@ -80,16 +83,16 @@ class FairShare:
     moves to the back, a new host joins at the back.
     """
 
-    _levels: dict[float, dict[str, collections.deque[Waiting]]] = attrs.Factory(dict)
+    _levels: dict[float, dict[str, collections.deque[W]]] = attrs.Factory(dict)
     _live: int = 0
     _dead: int = 0
 
-    def push(self, request: Waiting) -> None:
+    def push(self, request: W) -> None:
         hosts = self._levels.setdefault(request.priority, {})
         hosts.setdefault(request.host, collections.deque()).append(request)
         self._live += 1
 
-    def pop(self) -> Waiting | None:
+    def pop(self) -> W | None:
         for priority in sorted(self._levels, reverse=True):
             hosts = self._levels[priority]
             for host in list(hosts):
@@ -109,7 +112,7 @@ class FairShare:
             del self._levels[priority]
         return None
 
-    def cancel(self, request: Waiting) -> None:
+    def cancel(self, request: W) -> None:
         self._live -= 1
         self._dead += 1
         if self._dead > self._live + 64:

@@ -89,7 +89,7 @@ class Assignment:
 class _Queue:
     """The state of one key."""
 
-    waiting: RequestQueue
+    waiting: RequestQueue[Request]
     free: dict[str, Resource] = attrs.Factory(dict)  # insertion order = FIFO
     holders: int = 0  # live owners that PUT under this key
 
@@ -240,7 +240,7 @@ class Scheduler:
     def _queue(self, key: str) -> _Queue:
         queue = self._queues.get(key)
         if queue is None:
-            waiting = FairShare() if self.fair_share else PriorityFifo()
+            waiting: RequestQueue[Request] = FairShare() if self.fair_share else PriorityFifo()
             queue = self._queues[key] = _Queue(waiting=waiting)
         return queue
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application import service
 from twisted.python import usage
 
@@ -37,7 +39,9 @@ class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
             "(default: stock's FIFO).",
         ],
     ]
-    optParameters = [
+    # Annotated: mypy would infer each base's list from its own items and
+    # find every subclass's list incompatible with it.
+    optParameters: list[Any] = [
         ["stop-key", None, None, "Accept STOP requests carrying this key (default: refuse all)."],
         ["max-frame-bytes", None, MAX_FRAME_BYTES, "Largest request frame accepted.", int],
         [
@@ -86,9 +90,15 @@ class Options(ListenOptions, StatusOptions, BoardAdmissionOptions):
                 raise usage.UsageError(str(exc)) from None
 
 
-def makeService(options: Options) -> service.IService:
-    """Build the tracker service from parsed options."""
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> service.IService:
+    """Build the tracker service from parsed options.
+
+    ``reactor`` is the reactor every part uses (listening, timers, systemd
+    notification, the status site); ``None``, as twistd's plugin passes,
+    means the global one.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
 
     def stop() -> None:
         if reactor.running:
@@ -102,16 +112,16 @@ def makeService(options: Options) -> service.IService:
     )
     status = TrackerStatus(reactor, scheduler)
     factory = TrackerFactory(
+        clock=reactor,
         stop_key=options["stop-key"],
         on_stop=stop,
         max_frame_bytes=options["max-frame-bytes"],
         verbose=options["verbose"],
         scheduler=scheduler,
         observer=status,
-        clock=reactor,
         handshake_timeout=options["handshake-timeout"],
         board_secret=options["board-secret"],
-        allow_board_from=tuple(options["allow-board-from"]),
+        allow_board_from=options["allow-board-from"],
         keepalive=options["keepalive"],
         board_auth=options["board-auth"],
     )
