@@ -161,6 +161,8 @@ def measure(
     try:
         registered = sum(_next(ready, helpers) for _ in helpers)
         register_s = time.perf_counter() - t0
+        tracker = psutil.Process(proc.proc.pid)
+        rss_registered = tracker.memory_info().rss / (1 << 20)
         session = TrackerSession(("127.0.0.1", port))
         summary = session.summary()
         assert summary["queue_info"][KEY]["free"] == registered, summary["queue_info"]
@@ -171,7 +173,7 @@ def measure(
             session.summary()
             samples.append(time.perf_counter() - t1)
         session.close()
-        rss = psutil.Process(proc.proc.pid).memory_info().rss / (1 << 20)
+        rss = tracker.memory_info().rss / (1 << 20)
         start, out = ctx.Event(), ctx.Queue()
         per_client = requests // CLIENTS
         clients = [
@@ -195,6 +197,7 @@ def measure(
         "register": register_s,
         "summary": statistics.median(samples) * 1e3,
         "rss": rss,
+        "rss_registered": rss_registered,
         "request": statistics.median(flat) * 1e3,
         "rate": len(flat) / wall,
     }
@@ -252,7 +255,8 @@ def main(flags: list[str]) -> int:
     for label, value, target, unit in (
         ("register every board", big["register"], None, "s"),
         ("SUMMARY p50", big["summary"], SUMMARY_TARGET_MS, "ms"),
-        ("tracker RSS", big["rss"], RSS_TARGET_MIB, "MiB"),
+        ("tracker RSS, boards registered", big["rss_registered"], None, "MiB"),
+        ("tracker RSS, after SUMMARY", big["rss"], RSS_TARGET_MIB, "MiB"),
         (f"REQUEST p50, {CLIENTS} clients", big["request"], None, "ms"),
         (f"REQUEST/s, {CLIENTS} clients", big["rate"], None, "/s"),
     ):

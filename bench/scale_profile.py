@@ -153,7 +153,7 @@ def main(flags: list[str]) -> int:
             registered = sum(scale._next(ready, helpers) for _ in helpers)
             print(f"{registered} boards registered in {time.perf_counter() - t0:.1f} s")
             os.kill(daemon.proc.pid, signal.SIGUSR1)
-            daemon.wait_for("scale-profile written", timeout=300)
+            daemon.wait_for("scale-profile written", timeout=1200)
             print(out.read_text())
             done.set()
             for helper in helpers:

@@ -8,6 +8,8 @@ Invariants:
   per call, so nothing is decoded before the receiver asks for it.
 - A frame longer than the decoder's bound is refused as soon as its length
   prefix is reached, without waiting for its payload.
+- A decoder holding no bytes holds no buffer either (a tracker keeps one
+  decoder per connection, 10,000 of them at scale, nearly all idle).
 """
 
 from __future__ import annotations
@@ -56,14 +58,14 @@ class FrameDecoder:
     __slots__ = ("_buffer", "_max_frame_bytes", "_offset")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = None  # None while nothing is buffered
         self._offset = 0  # bytes of _buffer already consumed by pop()
         self._max_frame_bytes = max_frame_bytes
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a frame."""
-        return len(self._buffer) - self._offset
+        return len(self._buffer) - self._offset if self._buffer is not None else 0
 
     def feed(self, data: bytes) -> list[Any]:
         """Buffer ``data`` and return the JSON values of all complete frames."""
@@ -75,16 +77,21 @@ class FrameDecoder:
 
     def append(self, data: bytes) -> None:
         """Buffer ``data`` without decoding anything."""
+        buf = self._buffer
+        if buf is None:
+            if data:
+                self._buffer = bytearray(data)
+            return
         if self._offset:
-            del self._buffer[: self._offset]
+            del buf[: self._offset]
             self._offset = 0
-        self._buffer += data
+        buf += data
 
     def pop(self) -> Any:
         """Decode and return the next complete frame, or :data:`NO_FRAME`."""
         buf = self._buffer
         offset = self._offset
-        if len(buf) - offset < 4:
+        if buf is None or len(buf) - offset < 4:
             return NO_FRAME
         (length,) = _INT32.unpack_from(buf, offset)
         if length <= 0 or length > self._max_frame_bytes:
@@ -93,24 +100,28 @@ class FrameDecoder:
         end = start + length
         if end > len(buf):
             return NO_FRAME
-        payload = bytes(buf[start:end])
+        try:
+            # Decoded straight from the buffer: no copy of the payload is made.
+            text = str(memoryview(buf)[start:end], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"frame is not UTF-8 JSON: {exc}") from None
         if end == len(buf):
-            buf.clear()
+            self._buffer = None
             self._offset = 0
         else:
             self._offset = end  # compacted by the next append()
-        return _decode_json(payload)
+        return _decode_json(text)
 
     def clear(self) -> None:
         """Drop everything buffered (the connection is gone)."""
-        self._buffer = bytearray()
+        self._buffer = None
         self._offset = 0
 
 
-def _decode_json(payload: bytes) -> Any:
+def _decode_json(text: str) -> Any:
     try:
-        return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise CodecError(f"frame is not UTF-8 JSON: {exc}") from None
 
 

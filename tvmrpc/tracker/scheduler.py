@@ -86,6 +86,36 @@ class Assignment:
 
 
 @attrs.define(eq=False)
+class _Owned:
+    """What one owner PUT: its free resources and the keys it PUT under.
+
+    One record per owner rather than a dict and a set in two tables: at
+    10,000 boards each owner's containers count 10,000 times.
+    """
+
+    free: dict[str, Resource] = attrs.Factory(dict)  # matchkey -> Resource
+    # Each counted once in that queue's holders. A tuple (48 bytes for one key,
+    # a set is 216) while small; a set for an owner of many keys (a proxy).
+    keys: tuple[str, ...] | set[str] = ()
+
+    def add_key(self, key: str) -> bool:
+        """Note that this owner PUT under ``key``; return whether it is new."""
+        keys = self.keys
+        if key in keys:
+            return False
+        if isinstance(keys, set):
+            keys.add(key)
+        elif len(keys) < _SMALL_KEYS:
+            self.keys = (*keys, key)
+        else:
+            self.keys = {*keys, key}
+        return True
+
+
+_SMALL_KEYS = 8
+
+
+@attrs.define(eq=False)
 class _Queue:
     """The state of one key."""
 
@@ -109,14 +139,12 @@ class Scheduler:
         self.rules = rules if rules is not None else BoardRules()
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
-        # owner -> matchkey -> Resource (its free resources: the pending matchkeys)
-        self._owned: dict[Hashable, dict[str, Resource]] = {}
+        # owner -> its free resources (the pending matchkeys) and the keys it PUT under
+        self._owned: dict[Hashable, _Owned] = {}
         # owner -> its live requests
         self._requests: dict[Hashable, list[Request]] = {}
         # matchkey -> Resource, for replacement across keys and owners
         self._by_matchkey: dict[str, Resource] = {}
-        # owner -> keys it PUT under (each counted once in that queue's holders)
-        self._put_keys: dict[Hashable, set[str]] = {}
         #: Bumped on every change of state (see the module invariants).
         self.generation = 0
         #: Called with each key that is forgotten (e.g. to drop its statistics).
@@ -135,14 +163,13 @@ class Scheduler:
             self._collect(old.key)
         resource = Resource(key=key, addr=addr, port=port, matchkey=matchkey, owner=owner)
         queue = self._queue(key)
-        keys = self._put_keys.get(owner)
-        if keys is None:
-            keys = self._put_keys[owner] = set()
-        if key not in keys:
-            keys.add(key)
+        owned = self._owned.get(owner)
+        if owned is None:
+            owned = self._owned[owner] = _Owned()
+        if owned.add_key(key):
             queue.holders += 1
         queue.free[matchkey] = resource
-        self._owned.setdefault(owner, {})[matchkey] = resource
+        owned.free[matchkey] = resource
         self._by_matchkey[matchkey] = resource
         return self._match(key)
 
@@ -176,8 +203,8 @@ class Scheduler:
     def drop_owner(self, owner: Hashable) -> None:
         """Forget an owner: cancel its requests and remove its free resources."""
         requests = self._requests.pop(owner, ())
-        owned = self._owned.pop(owner, {})
-        put_keys = self._put_keys.pop(owner, ())
+        record = self._owned.pop(owner, None)
+        owned, put_keys = (record.free, record.keys) if record is not None else ({}, ())
         if not (requests or owned or put_keys):
             return
         self.generation += 1
@@ -213,7 +240,8 @@ class Scheduler:
 
     def pending_matchkeys(self, owner: Hashable) -> list[str]:
         """The matchkeys ``owner`` PUT that no request has taken yet."""
-        return list(self._owned.get(owner, ()))
+        owned = self._owned.get(owner)
+        return list(owned.free) if owned is not None else []
 
     def queue_info(self) -> dict[str, dict[str, int]]:
         """``{key: {"free": n, "pending": m}}`` for every known key (see the invariants).
@@ -262,7 +290,7 @@ class Scheduler:
         self._queues[resource.key].free.pop(resource.matchkey, None)
         owned = self._owned.get(resource.owner)
         if owned is not None:
-            owned.pop(resource.matchkey, None)
+            owned.free.pop(resource.matchkey, None)
         if self._by_matchkey.get(resource.matchkey) is resource:
             del self._by_matchkey[resource.matchkey]
             if not self._by_matchkey:
