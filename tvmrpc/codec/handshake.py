@@ -101,20 +101,7 @@ class HandshakeDecoder:
             (magic,) = _INT32.unpack_from(buf, 0)
             if magic != RPC_MAGIC:
                 raise CodecError(f"bad RPC magic {magic:#x}")
-        if len(buf) < 8:
-            return None
-        (length,) = _INT32.unpack_from(buf, 4)
-        if length <= 0 or length > self._max_key_bytes:
-            raise CodecError(f"handshake key length {length} outside 1..{self._max_key_bytes}")
-        if len(buf) < 8 + length:
-            return None
-        try:
-            key = bytes(buf[8 : 8 + length]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("handshake key is not UTF-8") from None
-        rest = bytes(buf[8 + length :])
-        buf.clear()
-        return key, rest
+        return _take_key(buf, self._max_key_bytes, "handshake key")
 
 
 class ReplyDecoder:
@@ -143,20 +130,30 @@ class ReplyDecoder:
             rest = bytes(buf[4:])
             buf.clear()
             return code, None, rest
-        if len(buf) < 8:
-            return None
-        (length,) = _INT32.unpack_from(buf, 4)
-        if length <= 0 or length > self._max_key_bytes:
-            raise CodecError(f"reply key length {length} outside 1..{self._max_key_bytes}")
-        if len(buf) < 8 + length:
-            return None
-        try:
-            key = bytes(buf[8 : 8 + length]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError("reply key is not UTF-8") from None
-        rest = bytes(buf[8 + length :])
-        buf.clear()
-        return code, key, rest
+        taken = _take_key(buf, self._max_key_bytes, "reply key")
+        return None if taken is None else (code, *taken)
+
+
+def _take_key(buf: bytearray, max_key_bytes: int, what: str) -> tuple[str, bytes] | None:
+    """The ``[int32 len][key]`` after a 4-byte magic or code in ``buf``, and the rest.
+
+    ``None`` until complete; then ``buf`` is emptied. Raises :class:`CodecError`
+    for a length outside ``1..max_key_bytes`` or a key that is not UTF-8.
+    """
+    if len(buf) < 8:
+        return None
+    (length,) = _INT32.unpack_from(buf, 4)
+    if length <= 0 or length > max_key_bytes:
+        raise CodecError(f"{what} length {length} outside 1..{max_key_bytes}")
+    if len(buf) < 8 + length:
+        return None
+    try:
+        key = bytes(buf[8 : 8 + length]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"{what} is not UTF-8") from None
+    rest = bytes(buf[8 + length :])
+    buf.clear()
+    return key, rest
 
 
 def random_matchkey(key: str, taken: set[str] | frozenset[str] = frozenset()) -> str:

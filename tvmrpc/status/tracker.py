@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from .extension import Extension, read_extension
 from .stats import MAX_KEYS, OTHER_KEY, KeyedCounts, KeyedHistograms, clip, finite
 
+# Not the module's default namespace: session records of every daemon share
+# this one, which docs/observability.md names for log filters.
 log = Logger(namespace="tvmrpc.sessions")
 
 #: Session records kept for the page and the JSON API.
@@ -399,30 +401,21 @@ class TrackerStatus:
         """Prometheus metric families (a ``prometheus_client`` custom collector)."""
         from .stats import counter_family, gauge_family, histogram_family
 
-        yield counter_family(
-            "tvmrpc_tracker_requests", "REQUEST commands received.", self.requests.values, ["key"]
-        )
-        yield counter_family(
-            "tvmrpc_tracker_assignments",
-            "Requests answered with a board.",
-            self.assignments.values,
-            ["key"],
-        )
-        yield histogram_family(
-            "tvmrpc_tracker_queue_wait_seconds",
-            "Seconds from REQUEST to assignment.",
-            self.queue_waits.values,
-            "key",
-        )
-        yield histogram_family(
-            "tvmrpc_tracker_hold_seconds",
-            "Seconds from assignment to the board's next PUT or disconnect.",
-            self.hold_seconds.values,
-            "key",
-        )
-        yield counter_family(
-            "tvmrpc_tracker_sessions", "Holds that ended.", self.sessions_by_key.values, ["key"]
-        )
+        for name, doc, counts in (
+            ("requests", "REQUEST commands received.", self.requests),
+            ("assignments", "Requests answered with a board.", self.assignments),
+            ("sessions", "Holds that ended.", self.sessions_by_key),
+        ):
+            yield counter_family(f"tvmrpc_tracker_{name}", doc, counts.values, ["key"])
+        for name, doc, histograms in (
+            ("queue_wait", "Seconds from REQUEST to assignment.", self.queue_waits),
+            (
+                "hold",
+                "Seconds from assignment to the board's next PUT or disconnect.",
+                self.hold_seconds,
+            ),
+        ):
+            yield histogram_family(f"tvmrpc_tracker_{name}_seconds", doc, histograms.values, "key")
         per_key: dict[str, dict[str, int]] = {}
         for key, entry in sorted(self.per_key().items()):
             label = clip(key) if len(per_key) < MAX_KEYS else OTHER_KEY
@@ -444,31 +437,30 @@ class TrackerStatus:
                 (([key], counts[state]) for key, counts in per_key.items()),
                 ["key"],
             )
-        yield counter_family(
-            "tvmrpc_tracker_registrations",
-            "Server and proxy registrations (first UPDATE_INFO with a server key).",
-            {(): self.registrations},
-            [],
-        )
-        yield counter_family(
-            "tvmrpc_tracker_evictions",
-            "Registered server or proxy connections that closed (their boards leave).",
-            {(): self.evictions},
-            [],
-        )
-        yield counter_family(
-            "tvmrpc_tracker_connections", "Connections accepted.", {(): self.connections}, []
-        )
+        # The process-wide figures: one unlabelled sample each.
+        for name, doc, value in (
+            (
+                "registrations",
+                "Server and proxy registrations (first UPDATE_INFO with a server key).",
+                self.registrations,
+            ),
+            (
+                "evictions",
+                "Registered server or proxy connections that closed (their boards leave).",
+                self.evictions,
+            ),
+            ("connections", "Connections accepted.", self.connections),
+            (
+                "bad_frames",
+                "Connections closed for bad input (magic, frame or request).",
+                self.bad_frames,
+            ),
+        ):
+            yield counter_family(f"tvmrpc_tracker_{name}", doc, {(): value}, [])
         yield gauge_family(
             "tvmrpc_tracker_open_connections",
             "Connections open now.",
             [((), self.open_connections)],
-        )
-        yield counter_family(
-            "tvmrpc_tracker_bad_frames",
-            "Connections closed for bad input (magic, frame or request).",
-            {(): self.bad_frames},
-            [],
         )
 
 

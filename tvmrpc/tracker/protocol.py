@@ -336,13 +336,12 @@ class TrackerProtocol(Protocol):
                 f"(at most {MAX_WAITING_REQUESTS}; stock clients wait for each answer)"
             )
             return
-        if factory.verbose:
-            log.debug(
-                "{host} requests {key} (priority {priority})",
-                host=self.peer_host,
-                key=command.key,
-                priority=command.priority,
-            )
+        factory.trace(
+            "{host} requests {key} (priority {priority})",
+            host=self.peer_host,
+            key=command.key,
+            priority=command.priority,
+        )
         request, assignments = factory.scheduler.request(
             command.key, command.user, command.priority, self, host=self.peer_host
         )
@@ -355,15 +354,13 @@ class TrackerProtocol(Protocol):
             self._refuse_board(f"PUT {command.key}")
             return
         addr = command.custom_addr if command.custom_addr is not None else self.peer_host
-        if factory.verbose:
-            log.debug(
-                "{host} put {matchkey} under {key} at {addr}:{port}",
-                host=self.peer_host,
-                matchkey=command.matchkey,
-                key=command.key,
-                addr=addr,
-                port=command.port,
-            )
+        factory.trace(
+            "{host} put {matchkey} under {key} at {addr}",
+            host=self.peer_host,
+            matchkey=command.matchkey,
+            key=command.key,
+            addr=board_name(addr, command.port),
+        )
         factory.board_free_again(self)
         assignments = factory.scheduler.put(command.key, addr, command.port, command.matchkey, self)
         factory.observer.put(self, command.key, command.matchkey, addr, command.port)
@@ -547,6 +544,11 @@ class TrackerFactory(Factory[TrackerProtocol]):
         super().doStop()
         self.greeting.stop()
 
+    def trace(self, format: str, **fields: object) -> None:
+        """Log one per-request event at debug, with ``--verbose`` only."""
+        if self.verbose:
+            log.debug(format, **fields)
+
     def forget(self, conn: TrackerProtocol) -> None:
         """Drop a connection's requests and resources (idempotent)."""
         if self.connections.pop(conn, False) is not False:
@@ -607,10 +609,9 @@ class TrackerFactory(Factory[TrackerProtocol]):
             resource = assignment.resource
             self.holds.start(resource.owner, resource.key, resource.board, now)
             self.observer.assigned(assignment)
-            if self.verbose:
-                log.debug(
-                    "assigned {matchkey} to {host}", matchkey=resource.matchkey, host=conn.peer_host
-                )
+            self.trace(
+                "assigned {matchkey} to {host}", matchkey=resource.matchkey, host=conn.peer_host
+            )
             conn.reply([TrackerCode.SUCCESS, resource.value()])
 
     def summary(self, extended: bool = False) -> dict[str, Any]:
