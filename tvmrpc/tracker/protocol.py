@@ -498,7 +498,7 @@ def _handshake_timed_out(conn: TrackerProtocol) -> None:
     conn.handshake_timed_out()
 
 
-@attrs.define(kw_only=True, eq=False, slots=False)
+@attrs.define(kw_only=True, eq=False, slots=False, on_setattr=attrs.setters.NO_OP)
 class TrackerFactory(Factory[TrackerProtocol]):
     """Holds the tracker's state: the scheduler and the live connections."""
 
