@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,7 +50,7 @@ def clean_info(info: dict[str, Any]) -> dict[str, Any]:
         problem = key_problem(info["key"], "UPDATE_INFO key", MAX_INFO_KEY_CHARS)
         if problem is not None:
             raise InfoError(problem)
-        clean["key"] = info["key"]
+        clean["key"] = sys.intern(info["key"])  # shared by every board of that key
     if "addr" in info:
         clean["addr"] = _addr(info["addr"])
     if EXTENSION_FIELD in info:
