@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import collections
-import sys
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -86,7 +85,7 @@ def _key_of_info(info: dict[str, Any]) -> str | None:
     key = key[len("server:") :]
     if key.startswith("proxy[") or not key:
         return None
-    return sys.intern(key)  # one string per key, not one per board
+    return key
 
 
 class Utilisation:

@@ -17,7 +17,6 @@ Pure. Invariants:
 from __future__ import annotations
 
 import reprlib
-import sys
 from typing import Any, Union
 
 import attrs
@@ -161,8 +160,7 @@ def parse_command(value: Any) -> Command:
             raise CommandError(f"PUT wants [port, matchkey], got {preview(slot)}")
         if not 0 <= slot[0] <= 65535:
             raise CommandError(f"PUT port {slot[0]} out of range")
-        # Interned: thousands of boards PUT under a handful of keys.
-        key = sys.intern(_key(value[1], "PUT key"))
+        key = _key(value[1], "PUT key")
         matchkey = _key(slot[1], "PUT matchkey", MAX_MATCHKEY_CHARS)
         custom_addr = value[3] if len(value) == 4 else None
         if custom_addr is not None:

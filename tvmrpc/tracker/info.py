@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,7 +49,7 @@ def clean_info(info: dict[str, Any]) -> dict[str, Any]:
         problem = key_problem(info["key"], "UPDATE_INFO key", MAX_INFO_KEY_CHARS)
         if problem is not None:
             raise InfoError(problem)
-        clean["key"] = sys.intern(info["key"])  # shared by every board of that key
+        clean["key"] = info["key"]
     if "addr" in info:
         clean["addr"] = _addr(info["addr"])
     if EXTENSION_FIELD in info:

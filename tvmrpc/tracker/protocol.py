@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import enum
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -185,8 +184,7 @@ class TrackerProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         peer = self.transport.getPeer()
-        # One string object per address, shared by everything that keeps it.
-        self.peer_host = sys.intern(str(getattr(peer, "host", peer)))
+        self.peer_host = str(getattr(peer, "host", peer))
         if factory.board_auth:
             self.board_trusted = address_in(self.peer_host, factory.allow_board_from)
         self._decoder = FrameDecoder(factory.max_frame_bytes)

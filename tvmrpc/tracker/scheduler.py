@@ -120,6 +120,8 @@ class _Queue:
     """The state of one key."""
 
     waiting: RequestQueue[Request]
+    #: The one copy of the key that resources of this key keep (not one per PUT).
+    key: str = ""
     free: dict[str, Resource] = attrs.Factory(dict)  # insertion order = FIFO
     holders: int = 0  # live owners that PUT under this key
 
@@ -161,8 +163,9 @@ class Scheduler:
         if old is not None:
             self._discard(old)
             self._collect(old.key)
-        resource = Resource(key=key, addr=addr, port=port, matchkey=matchkey, owner=owner)
         queue = self._queue(key)
+        key = queue.key
+        resource = Resource(key=key, addr=addr, port=port, matchkey=matchkey, owner=owner)
         owned = self._owned.get(owner)
         if owned is None:
             owned = self._owned[owner] = _Owned()
@@ -269,7 +272,7 @@ class Scheduler:
         queue = self._queues.get(key)
         if queue is None:
             waiting: RequestQueue[Request] = FairShare() if self.fair_share else PriorityFifo()
-            queue = self._queues[key] = _Queue(waiting=waiting)
+            queue = self._queues[key] = _Queue(waiting=waiting, key=key)
         return queue
 
     def known_keys(self) -> int:
