@@ -1,6 +1,6 @@
 """Profile our tracker at scale: where its memory and its SUMMARY time go.
 
-``python -m bench scale_profile [--boards=N] [--memory] [--cpu]`` starts our
+``python -m bench.scale_profile [--boards=N] [--memory] [--cpu]`` starts our
 tracker under ``twistd`` (as ``bench scale`` does), registers N boards on N
 connections with ``bench scale``'s helpers, then asks the tracker (SIGUSR1) to
 write, into a file read here:
@@ -128,7 +128,7 @@ def main(flags: list[str]) -> int:
     from bench import scale
     from tvmrpc.harness import LISTENING, Process, running
 
-    parser = argparse.ArgumentParser(prog="python -m bench scale_profile")
+    parser = argparse.ArgumentParser(prog="python -m bench.scale_profile")
     parser.add_argument("--boards", type=int, default=10000)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--cpu", action="store_true")
