@@ -370,7 +370,7 @@ def test_readiness_needs_a_checked_board_and_its_announcement():
 
 
 def test_proxy_ending_a_long_wait_is_routine_a_quick_close_is_a_failure(tmp_path):
-    from tvmrpc.server.through_proxy import ProxyConnector
+    from tvmrpc.server.through_proxy import ConnectorPhase, ProxyConnector
 
     clock = Clock()
     board = Board(clock, FakeRuntime(clock), workdir=str(tmp_path))
@@ -379,11 +379,14 @@ def test_proxy_ending_a_long_wait_is_routine_a_quick_close_is_a_failure(tmp_path
     attempts: list[float] = []
     connector._maybe_connect = lambda: attempts.append(clock.seconds())  # type: ignore[method-assign]
     leg = object()
+    connector.phase = ConnectorPhase.WAITING
     connector._leg, connector._leg_since = leg, clock.seconds()  # type: ignore[assignment]
     clock.advance(600)  # the proxy's --timeout-server let our wait go
     connector._failed(Failure(ConnectionError("proxy has no matching client key")), leg)  # type: ignore[arg-type]
     assert attempts == [600]  # at once, no backoff, not counted
     assert connector.failures == 0
+    assert connector.phase is ConnectorPhase.IDLE
+    connector.phase = ConnectorPhase.WAITING  # the (patched out) reconnect waits again
     connector._leg, connector._leg_since = leg, clock.seconds()  # type: ignore[assignment]
     clock.advance(0.1)
     connector._failed(Failure(ConnectionError("closed before answering")), leg)  # type: ignore[arg-type]
@@ -391,6 +394,28 @@ def test_proxy_ending_a_long_wait_is_routine_a_quick_close_is_a_failure(tmp_path
     assert attempts == [600]
     clock.advance(connector._retry.getTime() - clock.seconds())
     assert len(attempts) == 2  # retried after the backoff delay
+    assert connector.phase is ConnectorPhase.IDLE
+
+
+def test_proxy_connector_phases_refuse_impossible_moves(tmp_path):
+    """The connector's life cycle is a table: a stray event is an error, not a flag mix."""
+    from tvmrpc.server.through_proxy import ConnectorPhase, ConnectorPhaseError, ProxyConnector
+
+    clock = Clock()
+    board = Board(clock, FakeRuntime(clock), workdir=str(tmp_path))
+    connector = ProxyConnector(clock, board, "k", ("127.0.0.1", 9))
+    assert connector.phase is ConnectorPhase.STOPPED
+    with pytest.raises(ConnectorPhaseError, match="stopped -> waiting"):
+        connector._move(ConnectorPhase.WAITING)  # a connection made while stopped
+    connector._move(ConnectorPhase.IDLE)
+    with pytest.raises(ConnectorPhaseError, match="idle -> waiting"):
+        connector._move(ConnectorPhase.WAITING)  # made without an attempt
+    with pytest.raises(ConnectorPhaseError, match="idle -> backoff"):
+        connector._move(ConnectorPhase.BACKOFF)  # failed without an attempt
+    connector._move(ConnectorPhase.CONNECTING)
+    connector._move(ConnectorPhase.BACKOFF)
+    with pytest.raises(ConnectorPhaseError, match="backoff -> connecting"):
+        connector._move(ConnectorPhase.CONNECTING)  # retried before the delay ran out
 
 
 def test_supervisor_kills_a_zygote_that_never_gets_warm():

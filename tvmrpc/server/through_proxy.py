@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import enum
 import socket
 import struct
 from collections.abc import Callable
@@ -269,8 +270,47 @@ class _ProxyLeg(protocol.Protocol):
         self.transport.abortConnection()
 
 
+class ConnectorPhase(enum.Enum):
+    """Where a :class:`ProxyConnector` is; each phase holds at most one of its handles."""
+
+    STOPPED = "stopped"  # not running
+    IDLE = "idle"  # running, no connection (board busy, not advertised, or about to connect)
+    CONNECTING = "connecting"  # ``_pending`` is the connect attempt
+    WAITING = "waiting"  # ``_leg`` waits at the proxy for a client
+    BACKOFF = "backoff"  # ``_retry`` is the delayed next attempt
+
+
+class ConnectorPhaseError(Exception):
+    """An event arrived in a phase where it cannot happen (a bug, not a peer's fault)."""
+
+
+#: The phases each phase may move to.
+_CONNECTOR_MOVES: dict[ConnectorPhase, frozenset[ConnectorPhase]] = {
+    ConnectorPhase.STOPPED: frozenset({ConnectorPhase.IDLE}),
+    ConnectorPhase.IDLE: frozenset(
+        {ConnectorPhase.CONNECTING, ConnectorPhase.IDLE, ConnectorPhase.STOPPED}
+    ),
+    ConnectorPhase.CONNECTING: frozenset(
+        {
+            ConnectorPhase.WAITING,
+            ConnectorPhase.BACKOFF,
+            ConnectorPhase.IDLE,
+            ConnectorPhase.STOPPED,
+        }
+    ),
+    ConnectorPhase.WAITING: frozenset(
+        {ConnectorPhase.IDLE, ConnectorPhase.BACKOFF, ConnectorPhase.STOPPED}
+    ),
+    ConnectorPhase.BACKOFF: frozenset({ConnectorPhase.IDLE, ConnectorPhase.STOPPED}),
+}
+
+
 class ProxyConnector(service.Service):
-    """Keeps one connection waiting at the proxy while the board is advertised and idle."""
+    """Keeps one connection waiting at the proxy while the board is advertised and idle.
+
+    Its life cycle is :class:`ConnectorPhase`; a move the table does not allow
+    raises :class:`ConnectorPhaseError`.
+    """
 
     name = "tvm-server proxy connector"
     #: A waiting connection that lasted longer than this ended normally, not by a fault.
@@ -306,11 +346,18 @@ class ProxyConnector(service.Service):
         self._leg_since = 0.0
         self._pending: Any = None
         self._retry: Any = None
+        self.phase = ConnectorPhase.STOPPED
         #: Called each time a connection waits at the proxy (the board is then idle and warm).
         self.waiting_observers: list[Callable[[], None]] = []
 
+    def _move(self, new: ConnectorPhase) -> None:
+        if new not in _CONNECTOR_MOVES[self.phase]:
+            raise ConnectorPhaseError(f"proxy connector: {self.phase.value} -> {new.value}")
+        self.phase = new
+
     def startService(self) -> None:
         service.Service.startService(self)
+        self._move(ConnectorPhase.IDLE)
         self.board.idle_observers.append(self._maybe_connect)
         if self.lifecycle is not None:
             self.lifecycle.observers.append(self._state_changed)
@@ -325,6 +372,7 @@ class ProxyConnector(service.Service):
         if self.lifecycle is not None:
             _unsubscribe(self.lifecycle.observers, self._state_changed)
         self._disconnect()
+        self._move(ConnectorPhase.STOPPED)
 
     def _state_changed(self, old: State, new: State, reason: str) -> None:
         if new is State.ADVERTISED:
@@ -361,17 +409,16 @@ class ProxyConnector(service.Service):
         if leg is not None and leg.transport is not None and not leg.handed:
             leg.answered.addBoth(left)  # runs from connectionLost: the socket is closed
             leg.transport.abortConnection()
+        if self.phase is not ConnectorPhase.STOPPED:
+            self._move(ConnectorPhase.IDLE)
 
     def _advertised(self) -> bool:
         return self.lifecycle.ready if self.lifecycle is not None else self.board.runtime.is_ready
 
     def _maybe_connect(self) -> None:
-        if not self.running or self.board.busy or self._leg is not None or self._pending:
+        if self.phase is not ConnectorPhase.IDLE or self.board.busy or not self._advertised():
             return
-        if not self._advertised():
-            return
-        if self._retry is not None and self._retry.active():
-            return
+        self._move(ConnectorPhase.CONNECTING)
         leg = _ProxyLeg(self.key, self.board_secret, self.reactor, self.keepalive)
         pending = connectProtocol(self._endpoint(), leg)
         self._pending = pending
@@ -383,6 +430,7 @@ class ProxyConnector(service.Service):
             leg.transport.abortConnection()  # withdrawn or stopped meanwhile
             return None
         self._pending = None
+        self._move(ConnectorPhase.WAITING)
         self._leg = leg
         self._leg_since = self.reactor.seconds()
         self.announcement.set(True, self._where())
@@ -398,6 +446,8 @@ class ProxyConnector(service.Service):
 
     def _paired(self, leg: _ProxyLeg) -> None:
         self._leg = None
+        if self.phase is ConnectorPhase.WAITING:
+            self._move(ConnectorPhase.IDLE)  # the board is busy; its idle observer reconnects
         if self.failures:
             log.info(
                 "proxy {host}:{port}: paired with a client after {n} failed attempts",
@@ -410,14 +460,14 @@ class ProxyConnector(service.Service):
         self.board.offer(leg)
 
     def _failed(self, failure: Failure, leg: _ProxyLeg | None) -> None:
+        if failure.check(defer.CancelledError) or self.phase is ConnectorPhase.STOPPED:
+            return  # an attempt we dropped ourselves
         if leg is None:
             self._pending = None
         elif leg is not self._leg:
             return  # a connection we dropped ourselves
         else:
             self._leg = None
-        if not self.running or failure.check(defer.CancelledError):
-            return
         waited = self.reactor.seconds() - self._leg_since if leg is not None else 0.0
         if waited > self.LONG_WAIT and not failure.check(
             DuplicateKeyError, NotAProxyError, BoardProofError, ProxyTLSError
@@ -432,6 +482,7 @@ class ProxyConnector(service.Service):
             )
             self.failures = 0
             self.report.reset()
+            self._move(ConnectorPhase.IDLE)
             self._maybe_connect()
             return
         self.announcement.set(False, self._where())
@@ -447,7 +498,13 @@ class ProxyConnector(service.Service):
                 delay=delay,
                 more=f" ({held} similar failures not logged)" if held else "",
             )
-        self._retry = self.reactor.callLater(delay, self._maybe_connect)
+        self._move(ConnectorPhase.BACKOFF)
+        self._retry = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._move(ConnectorPhase.IDLE)
+        self._maybe_connect()
 
 
 def _unsubscribe(observers: list[Any], observer: Any) -> None:
