@@ -33,6 +33,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from . import sockopts
+from .endpointstr import split_colons
 
 log = Logger(namespace="tvmrpc.boardtls")
 
@@ -62,18 +63,7 @@ class MutualTLSSpec:
 
 def split_fields(description: str) -> tuple[list[str], dict[str, str]]:
     """Twisted's endpoint string grammar: ``:``-separated, ``\\`` escapes, ``name=value``."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
+    parts = split_colons(description)
     positional: list[str] = []
     named: dict[str, str] = {}
     for part in parts[1:]:  # parts[0] is the prefix

@@ -607,28 +607,3 @@ class TrackerLink(service.Service):
         self._retry = None
         if self.state is LinkState.WAITING:
             self._connect()
-
-
-def tracker_link_service(
-    reactor: Any,
-    tracker: tuple[str, int],
-    on_ready: Callable[[TrackerClientProtocol], Any],
-    on_lost: Callable[[TrackerClientProtocol], None],
-    initial_delay: float = 0.2,
-    max_delay: float = 5.0,
-    board_secret: bytes | None = None,
-    board_key: str = "",
-    keepalive: sockopts.Keepalive = sockopts.DEFAULT_KEEPALIVE,
-) -> TrackerLink:
-    """A :class:`TrackerLink` with the default timeouts (see there)."""
-    return TrackerLink(
-        reactor,
-        tracker,
-        on_ready,
-        on_lost,
-        initial_delay=initial_delay,
-        max_delay=max_delay,
-        board_secret=board_secret,
-        board_key=board_key,
-        keepalive=keepalive,
-    )

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import sockopts
-from ..client import TrackerClientProtocol, TrackerError, TrackerLink, tracker_link_service
+from ..client import TrackerClientProtocol, TrackerError, TrackerLink
 from ..codec import encode_frame, split_matchkey
 from .leg import address_text
 from .switchboard import IServerWatcher, Switchboard
@@ -105,7 +105,7 @@ class Registrar(service.Service):
         self.port = port.getHost().port  # type: ignore[attr-defined]  # IAddress: TCP ports have one
         if not self.running:
             return port
-        self._client = tracker_link_service(
+        self._client = TrackerLink(
             self.reactor,
             self.tracker,
             self._ready,

@@ -26,7 +26,7 @@ from ..listening import (
 )
 from ..outgoing import parse_target
 from ..status.options import StatusOptions
-from ..systemd.notify import NotifyService, listening_status
+from ..systemd.notify import ready_once_listening
 from .limits import (
     DEFAULT_EARLY_BYTES,
     DEFAULT_EARLY_TOTAL,
@@ -202,9 +202,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         reactor, factory, "tvm-proxy", options, DEFAULT_PORT, DEFAULT_PORT_END
     )
     listener.setServiceParent(top)
-    notify = NotifyService.from_environment(reactor)  # systemd: READY=1 once listening
-    notify.setServiceParent(top)
-    listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
+    ready_once_listening(reactor, listener, top)  # systemd: READY=1
     if options["web-port"] is not None or options["web-listen"]:
         from .websocket import web_factory
 

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import sockopts
-from ..client import TrackerClientProtocol, TrackerLink, tracker_link_service
+from ..client import TrackerClientProtocol, TrackerLink
 from ..codec import random_matchkey
 from .board import Board
 from .lifecycle import Announcement, Lifecycle, State
@@ -124,7 +124,7 @@ class Registrar(service.Service):
     def _connect(self) -> None:
         if self._client is not None or self.port is None or not self._advertised():
             return
-        self._client = tracker_link_service(
+        self._client = TrackerLink(
             self.reactor,
             self.tracker,
             self._ready,

@@ -34,6 +34,8 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..endpointstr import split_colons
+
 LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 UNNAMED = "unknown"
@@ -128,21 +130,8 @@ def choose(spec: SystemdSpec, inherited: Inherited) -> int:
 
 
 def _split(text: str) -> list[str]:
-    """Split on ``:`` not escaped with a backslash (Twisted's endpoint grammar)."""
-    parts, current, escaped = [], [], False
-    for char in text:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return [p for p in parts if p]
+    """The non-empty ``:``-separated fields of ``text`` (Twisted's endpoint grammar)."""
+    return [p for p in split_colons(text) if p]
 
 
 #: What systemd passed to this process, read once at import (see the module docstring).

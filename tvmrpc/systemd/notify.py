@@ -229,3 +229,17 @@ def listening_status(port: Any) -> str:
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
     return f"listening on unix:{name}" if name is not None else f"listening on {address}"
+
+
+def ready_once_listening(
+    reactor: Any, listener: Any, parent: service.MultiService
+) -> NotifyService:
+    """A :class:`NotifyService` under ``parent`` that says READY=1 once ``listener`` is bound.
+
+    ``listener`` is a :class:`tvmrpc.listening.ListeningService`; its ``bound``
+    result reaches its other consumers unchanged.
+    """
+    notify = NotifyService.from_environment(reactor)
+    notify.setServiceParent(parent)
+    listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
+    return notify

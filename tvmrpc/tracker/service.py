@@ -12,7 +12,7 @@ from ..boardflags import BoardAdmissionOptions, check_board_flags
 from ..codec import MAX_FRAME_BYTES
 from ..listening import ListenOptions, listening_service
 from ..status.options import StatusOptions
-from ..systemd.notify import NotifyService, listening_status
+from ..systemd.notify import ready_once_listening
 from .boards import BoardRules
 from .protocol import DEFAULT_HANDSHAKE_TIMEOUT, TrackerFactory
 from .scheduler import Scheduler
@@ -136,9 +136,7 @@ def makeService(options: Options, reactor: Any = None) -> service.IService:
         reactor, factory, "tvm-tracker", options, DEFAULT_PORT, DEFAULT_PORT_END
     )
     listener.setServiceParent(top)
-    notify = NotifyService.from_environment(reactor)  # systemd: READY=1 once listening
-    notify.setServiceParent(top)
-    listener.bound.addCallback(notify.passing(lambda port: notify.ready(listening_status(port))))
+    ready_once_listening(reactor, listener, top)  # systemd: READY=1
     if options["status"]:
         from ..status.tracker import status_service
 
