@@ -130,3 +130,17 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return sock.recv(64) == b""
     except ConnectionResetError:
         return True
+
+
+def time_out_a_session(server, port: int, key: str) -> int:
+    """A stock client's session through ``port`` outlives ``session_timeout=1``: the client
+    gets RPCSessionTimeoutError and ``server`` logs the timeout. Returns the log mark taken
+    before the session's call (the client's session is closed on return)."""
+    from tvm import rpc
+
+    session = rpc.connect("127.0.0.1", port, key=key, session_timeout=1)
+    mark = server.mark()
+    with pytest.raises(Exception, match="RPCSessionTimeoutError"):
+        session.get_function("tvmrpc_test.sleep")(60)
+    server.wait_for(r"session timeout after 1(\.0)?s", start=mark)
+    return mark
