@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -185,3 +186,15 @@ def test_only_an_mtls_connection_can_be_admitted_by_certificate():
     optional = NoCertificate()
     boardtls.remember(optional)  # an mtls: clientCert=optional peer that presented none
     assert boardtls.verified_subject(optional) is None
+
+
+def test_a_missing_trust_root_directory_is_one_line_naming_it(tmp_path):
+    """Twisted raises an UnlistableError with no message; the operator gets the path and the fix."""
+    from twisted.python import usage
+
+    missing = tmp_path / "no-such-ca"
+    with pytest.raises(usage.UsageError) as caught:
+        parse_target(f"tls:host=proxy.lab:port=9090:trustRoots={missing}", "--proxy")
+    message = str(caught.value)
+    assert f"trustRoots={missing} is not a readable directory" in message
+    assert "\n" not in message

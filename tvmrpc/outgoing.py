@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.python.filepath import UnlistableError
 
 from .listening import parse_hostport
 
@@ -87,9 +88,14 @@ def parse_target(value: str, flag: str = "--tracker") -> tuple[str, int] | Targe
         raise usage.UsageError(
             f"{flag} {value!r} needs TLS support, missing {missing}: pip install 'twisted[tls]'"
         ) from None
+    except UnlistableError:
+        raise usage.UsageError(
+            f"{flag} {value!r}: trustRoots={_field(value, 'trustRoots', 99)} is not a readable "
+            "directory; give the directory that holds the CA certificates (PEM files)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
         raise usage.UsageError(
-            f"bad {flag} endpoint {value!r}: {exc or type(exc).__name__}"
+            f"bad {flag} endpoint {value!r}: {str(exc) or type(exc).__name__}"
         ) from None
     return target
 
