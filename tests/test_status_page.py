@@ -52,6 +52,7 @@ def browser(profile: Path):
 
 
 def test_page_follows_a_session_without_reload(tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -66,7 +67,11 @@ def test_page_follows_a_session_without_reload(tmp_path):
             driver = browser(tmp_path / "profile")
             try:
                 driver.get(f"http://127.0.0.1:{port}/")
-                wait = WebDriverWait(driver, 30)
+                # The page re-renders rows as events arrive: an element found just before a
+                # re-render is stale when read, so a wait reads again instead of failing.
+                wait = WebDriverWait(
+                    driver, 30, ignored_exceptions=(StaleElementReferenceException,)
+                )
 
                 def board_state(_driver) -> str:
                     cells = driver.find_elements(By.CSS_SELECTOR, 'tr[data-key="page"] td.state')
@@ -79,8 +84,12 @@ def test_page_follows_a_session_without_reload(tmp_path):
                 client = rpc.connect_tracker("127.0.0.1", tracker.port)
                 session = client.request("page", session_timeout=60)
                 wait.until(lambda d: board_state(d) == "busy")
-                holder = driver.find_element(By.CSS_SELECTOR, 'tr[data-key="page"]').text
-                assert "127.0.0.1" in holder
+                # The busy row names who holds the board.
+                wait.until(
+                    lambda d: (
+                        "127.0.0.1" in d.find_element(By.CSS_SELECTOR, 'tr[data-key="page"]').text
+                    )
+                )
                 busy_png = tmp_path / "status-page-busy.png"
                 assert driver.save_screenshot(str(busy_png))
                 print(f"screenshot: {busy_png}")
