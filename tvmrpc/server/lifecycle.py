@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Any
 
 
 class State(enum.Enum):
@@ -180,3 +181,10 @@ class Readiness:
             self.ready = ready
             for observer in list(self.observers):
                 observer(ready, reason)
+
+
+def unsubscribe(observers: list[Any], observer: Any) -> None:
+    """Remove ``observer`` from an observer list if it is there (stopping a service that
+    never started is not an error)."""
+    if observer in observers:
+        observers.remove(observer)

@@ -22,7 +22,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -31,11 +31,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from .adapter import IDeviceRuntime
-from .lifecycle import InvalidTransitionError, Lifecycle, State
+from .lifecycle import InvalidTransitionError, Lifecycle, State, unsubscribe
 
 log = Logger()
-
-T = TypeVar("T")
 
 
 @attrs.define(eq=False, slots=False)
@@ -84,9 +82,9 @@ class Supervisor(service.Service):
         for timer in (self._timer, self._warm_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        _unsubscribe(self.runtime.warm_observers, self._warm)
-        _unsubscribe(self.runtime.lost_observers, self._lost)
-        _unsubscribe(self.lifecycle.observers, self._state_changed)
+        unsubscribe(self.runtime.warm_observers, self._warm)
+        unsubscribe(self.runtime.lost_observers, self._lost)
+        unsubscribe(self.lifecycle.observers, self._state_changed)
         self.lifecycle.stop()
 
     def _start(self) -> None:
@@ -171,9 +169,3 @@ class Supervisor(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self.reactor.callLater(delay, action)
-
-
-def _unsubscribe(observers: list[T], observer: T) -> None:
-    """Remove ``observer`` if it is subscribed (stopping a service that never started)."""
-    if observer in observers:
-        observers.remove(observer)

@@ -34,7 +34,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import socket
 import struct
@@ -63,7 +62,7 @@ from ..ratelimit import RateLimit
 from ..status.peeraddr import ASK, told
 from .board import Board
 from .handoff import detach, read_at_most
-from .lifecycle import Announcement, Lifecycle, State
+from .lifecycle import Announcement, Lifecycle, State, unsubscribe
 from .tlsrelay import SessionRelay, relay_session
 
 log = Logger(namespace="tvmrpc.server.proxy")
@@ -358,7 +357,7 @@ class ProxyConnector(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         self._move(ConnectorPhase.IDLE)
-        self.board.idle_observers.append(self._maybe_connect)
+        self.board.subscribe(self._maybe_connect)
         if self.lifecycle is not None:
             self.lifecycle.observers.append(self._state_changed)
         if self.lifecycle is None:
@@ -368,9 +367,9 @@ class ProxyConnector(service.Service):
 
     def stopService(self) -> None:
         service.Service.stopService(self)
-        _unsubscribe(self.board.idle_observers, self._maybe_connect)
+        self.board.unsubscribe(self._maybe_connect)
         if self.lifecycle is not None:
-            _unsubscribe(self.lifecycle.observers, self._state_changed)
+            unsubscribe(self.lifecycle.observers, self._state_changed)
         self._disconnect()
         self._move(ConnectorPhase.STOPPED)
 
@@ -505,12 +504,6 @@ class ProxyConnector(service.Service):
         self._retry = None
         self._move(ConnectorPhase.IDLE)
         self._maybe_connect()
-
-
-def _unsubscribe(observers: list[Any], observer: Any) -> None:
-    """Remove ``observer`` from a board's or lifecycle's observer list (if there)."""
-    with contextlib.suppress(ValueError):
-        observers.remove(observer)
 
 
 def describe_failure(failure: Failure) -> str:
